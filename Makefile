@@ -1,0 +1,31 @@
+# One-command set-up: every target below creates .venv on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Dev/CI pins (users get whatever torch their platform has; see pyproject.toml).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# One BLAS thread per pytest worker: two workers on the 2-core CI machine.
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
+
+.PHONY: install test test-slow bench demo clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[test]' $(TORCH_PINS)
+	touch $@
+
+install: $(BIN)/.installed
+
+test: $(BIN)/.installed
+	$(TEST_ENV) $(BIN)/python -m pytest -n 2 -q -p no:cacheprovider tests
+
+test-slow: $(BIN)/.installed
+	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/bench_layer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

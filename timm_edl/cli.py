@@ -1,0 +1,42 @@
+"""The ``timm-edl`` command: one entry point, one sub-command per job.
+
+Each sub-command lives in its own module and exposes ``main(argv) -> int``;
+modules are imported only when their sub-command runs, so ``timm-edl --help``
+stays fast.
+"""
+import importlib
+import sys
+from typing import List, Optional
+
+COMMANDS = {
+    "train": ("timm_edl.train", "adversarial training / fine-tuning (accelerate)"),
+    "eval": ("timm_edl.evaluate", "RobustBench-style evaluation (clean, PGD, AutoAttack)"),
+    "export": ("timm_edl.hub", "write a Hub-ready folder (safetensors, config.json, card)"),
+    "push": ("timm_edl.hub", "upload an exported folder to the Hugging Face Hub"),
+    "convert": ("timm_edl.convert", "turn the convolutions of a timm CNN into EDL layers"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: timm-edl <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'timm-edl <command> --help' for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"timm-edl: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    entry = getattr(module, f"{name}_main", None) or getattr(module, "main")
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

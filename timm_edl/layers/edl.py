@@ -1,0 +1,554 @@
+"""Elastic Dictionary Learning (EDL) layer: a convolution replaced by sparse coding.
+
+Notation (shapes for one layer, batch ``B``)::
+
+    x   : (B, C_in,  H,  W )    layer input
+    A   : (C_out, C_in, k, k)   convolutional dictionary (shaped like a conv weight)
+    z   : (B, C_out, H', W')    sparse code = layer output (H', W' as for conv2d)
+
+    analysis   A(u)  = conv2d(u, A, stride, padding)                 input -> code space
+    synthesis  A*(z) = conv_transpose2d(z, A, stride, padding, op)   code -> input space
+
+``op`` (output padding) is chosen so that ``A*(z)`` has exactly the spatial size of
+``x``; with it ``A*`` is the adjoint of ``A`` for every stride, padding and odd size.
+
+The layer output is the code found by ``K`` unrolled steps of RISTA (reweighted ISTA)
+on the elastic objective, per sample::
+
+    F(z) = beta/2 ||x - A*(z)||_2^2 + (1-beta)/2 ||x - A*(z)||_1 + lam ||z||_1
+
+    z_0 = 0;  for t = 0..K-1:
+        r_t = x - A*(z_t)
+        a_t = beta + (1 - beta) / (2 max(|r_t|, eps))
+        z_{t+1} = T_{lam s_t}( z_t + s_t A(a_t * r_t) )
+
+``T_c`` is soft-thresholding (``nonneg=True``: ``max(u - c, 0)``).  ``beta = 1`` is the
+Lasso solved by ISTA (vanilla dictionary learning), ``beta = 0`` is robust (l1) DL.
+
+Why it is a descent method: for ``e > 0``, ``|r| <= r^2/(2e) + e/2``.  Minimising the
+right-hand side over ``e >= eps`` gives the Huber function
+``h_eps(r) = r^2/(2 eps) + eps/2`` for ``|r| < eps`` and ``|r|`` otherwise, attained at
+``e = max(|r|, eps)``.  So each step is a proximal-gradient step on a quadratic
+majorizer (tight at ``z_t``) of the *smoothed* objective ``F_eps`` (``|.|`` of the l1
+data term replaced by ``h_eps``).  With ``s_t <= 1 / (L max(a_t))``, ``L = ||A||^2``
+(the largest eigenvalue of ``A A*``), ``F_eps(z_t)`` is non-increasing and RISTA
+converges to the minimizer of ``F_eps``; ``0 <= F_eps - F <= (1-beta) eps n / 4`` for
+``n`` input entries, so ``eps -> 0`` recovers ``F``.
+
+Design choices (keyword arguments; defaults in brackets):
+  * ``step_rule`` ['fixed']: ``'fixed'`` ``s = 1/L`` (SDNet), ``'safe'``
+    ``s_t = 1/(L max_i a_t)`` per sample (guaranteed descent for any beta),
+    ``'learnable'`` ``s = c/L`` with a learned per-layer scale ``c`` (init 1).
+  * ``L`` from power iteration on ``A* A`` at the input's spatial size, under
+    ``no_grad`` (the step size is treated as a constant, as in SDNet).  It is cached and
+    recomputed only when the dictionary changes (warm-started, a few iterations) or the
+    input size changes (cold start), so all forwards of an attack share one L.
+  * ``beta`` is one scalar per layer kept in [0, 1] by a clamp whose backward is the
+    identity (straight-through), so a learnable beta that leaves the box can return.
+  * ``eps`` [1e-3] floor of ``|r|``; ``nonneg`` [False]; ``normalize_atoms`` [True]:
+    every atom ``A[c]`` is scaled to unit l2 norm on every forward (SDNet);
+    ``lam`` [0.1] fixed, or learnable (kept >= 0 by the same straight-through clamp).
+"""
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import register_notrace_module
+
+__all__ = [
+    'EDLConv2d', 'edl_conv2d', 'rista', 'elastic_objective', 'analysis', 'synthesis',
+    'output_padding', 'operator_norm_sq', 'normalize_atoms', 'rista_step_sizes',
+    'set_beta_mode', 'edl_layers', 'edl_layer_stats', 'STEP_RULES',
+]
+
+STEP_RULES = ('fixed', 'safe', 'learnable')
+_IntPair = Union[int, Tuple[int, int]]
+
+
+def _pair(v: _IntPair) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def output_padding(
+        in_size: List[int], code_size: List[int], kernel_size: List[int],
+        stride: List[int], padding: List[int],
+) -> List[int]:
+    """Output padding that makes ``conv_transpose2d`` return exactly ``in_size``.
+
+    ``conv_transpose2d`` gives ``(H' - 1) s - 2p + k`` rows; the rows of ``x`` that
+    ``conv2d`` never reads (``(H + 2p - k) mod s`` of them) are added back as zeros.
+    """
+    out: List[int] = []
+    for i in range(2):
+        out.append(in_size[i] - ((code_size[i] - 1) * stride[i] - 2 * padding[i] + kernel_size[i]))
+    return out
+
+
+def analysis(u: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int]) -> torch.Tensor:
+    """A(u) = conv2d(u, A): (B, C_in, H, W) -> (B, C_out, H', W')."""
+    return F.conv2d(u, weight, None, stride, padding)
+
+
+def synthesis(
+        z: torch.Tensor, weight: torch.Tensor, stride: List[int], padding: List[int], in_size: List[int],
+) -> torch.Tensor:
+    """A*(z) = conv_transpose2d(z, A): (B, C_out, H', W') -> (B, C_in, H, W), adjoint of A."""
+    op = output_padding(in_size, [z.shape[-2], z.shape[-1]], [weight.shape[-2], weight.shape[-1]], stride, padding)
+    return F.conv_transpose2d(z, weight, None, stride, padding, op)
+
+
+def normalize_atoms(weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Scale every atom ``weight[c]`` (shape (C_in, k, k)) to unit l2 norm."""
+    norms = weight.flatten(1).norm(p=2, dim=1).clamp_min(eps)
+    return weight / norms.view(-1, 1, 1, 1)
+
+
+def _scalar_like(v: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """A float or 0-dim tensor as a tensor of x's dtype and device (autograd kept)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(device=x.device, dtype=x.dtype)
+    return torch.tensor(float(v), device=x.device, dtype=x.dtype)
+
+
+def _clamp_ste(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp(v, lo, hi) in the forward, identity in the backward (straight-through)."""
+    return v + (v.clamp(lo, hi) - v).detach()
+
+
+def operator_norm_sq(
+        weight: torch.Tensor, in_size: List[int], stride: List[int], padding: List[int],
+        num_iters: int = 50, init: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Power iteration for ``L = ||A||^2`` (largest eigenvalue of A* A) at input size ``in_size``.
+
+    Returns ``(L, u)`` with ``u`` the (1, C_in, H, W) unit iterate, to warm-start the next
+    call.  No gradient flows; runs in float32 (float64 for a float64 weight); call it
+    outside autocast.  The start vector is a fixed deterministic pattern, so results do
+    not depend on the global RNG.  The Rayleigh quotient approaches ``L`` from below.
+    """
+    with torch.no_grad():
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        w = weight.detach().to(dtype)
+        numel = w.shape[1] * in_size[0] * in_size[1]
+        if init is None or init.numel() != numel:
+            u = torch.sin(torch.arange(numel, dtype=dtype, device=w.device) * 12.9898 + 0.5)
+        else:
+            u = init.detach().to(device=w.device, dtype=dtype).flatten()
+        u = u.view(1, w.shape[1], in_size[0], in_size[1])
+        u = u / u.norm().clamp_min(1e-30)
+        L = torch.zeros((), dtype=dtype, device=w.device)
+        for _ in range(max(num_iters, 1)):
+            v = synthesis(analysis(u, w, stride, padding), w, stride, padding, in_size)
+            L = (u * v).sum()  # Rayleigh quotient <u, A*A u>, ||u|| = 1
+            u = v / v.norm().clamp_min(1e-30)
+        return L.clamp_min(1e-12), u
+
+
+def rista_step_sizes(
+        a_max: torch.Tensor, lipschitz: torch.Tensor, step_rule: str, step_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Step size per sample, shape (B, 1, 1, 1) or scalar (see module docstring)."""
+    if step_rule == 'fixed':
+        return 1.0 / lipschitz
+    if step_rule == 'safe':
+        return 1.0 / (lipschitz * a_max)
+    if step_rule == 'learnable' and step_scale is not None:
+        return step_scale / lipschitz
+    raise ValueError("unknown step_rule '" + step_rule + "'; choose one of 'fixed', 'safe', 'learnable'")
+
+
+def _shrink(u: torch.Tensor, threshold: torch.Tensor, nonneg: bool) -> torch.Tensor:
+    if nonneg:
+        return F.relu(u - threshold)
+    return torch.sign(u) * F.relu(u.abs() - threshold)
+
+
+def rista(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        beta: torch.Tensor,
+        lam: torch.Tensor,
+        lipschitz: torch.Tensor,
+        stride: List[int],
+        padding: List[int],
+        num_steps: int,
+        eps: float,
+        nonneg: bool,
+        step_rule: str,
+        step_scale: Optional[torch.Tensor] = None,
+        z_init: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``num_steps`` unrolled RISTA steps from ``z_init`` (None: z_0 = 0, saving one synthesis).
+
+    Shapes: x (B, C_in, H, W), weight (C_out, C_in, k, k), beta/lam/lipschitz 0-dim
+    tensors; returns z_K of shape (B, C_out, H', W').  Typed for TorchScript; use
+    :func:`edl_conv2d` from Python.
+    """
+    in_size = [x.shape[-2], x.shape[-1]]
+    beta = beta.to(x.dtype)
+    lam = lam.to(x.dtype)
+    lipschitz = lipschitz.float()
+    z = z_init
+    for _ in range(num_steps):
+        if z is None:
+            r = x
+        else:
+            r = x - synthesis(z, weight, stride, padding, in_size)
+        a = beta + (1.0 - beta) / (2.0 * r.abs().clamp_min(eps))
+        if step_rule == 'safe':
+            a_max = a.detach().flatten(1).amax(dim=1).view(-1, 1, 1, 1).float()
+        else:
+            a_max = torch.ones((), device=x.device)
+        step = rista_step_sizes(a_max, lipschitz, step_rule, step_scale).to(x.dtype)
+        u = analysis(a * r, weight, stride, padding) * step
+        if z is not None:
+            u = z + u
+        z = _shrink(u, lam * step, nonneg)
+    assert z is not None, "num_steps must be >= 1"
+    return z
+
+
+def edl_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        beta: Union[float, torch.Tensor],
+        lam: Union[float, torch.Tensor],
+        lipschitz: Union[float, torch.Tensor],
+        stride: _IntPair = 1,
+        padding: _IntPair = 0,
+        num_steps: int = 2,
+        eps: float = 1e-3,
+        nonneg: bool = False,
+        step_rule: str = 'fixed',
+        step_scale: Optional[torch.Tensor] = None,
+        z_init: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Functional EDL layer: ``num_steps`` unrolled RISTA steps (see the module docstring).
+
+    Args:
+        x: (B, C_in, H, W) input.
+        weight: (C_out, C_in, k, k) dictionary, used as given (normalise beforehand if wanted).
+        beta: weight of the l2 data term in [0, 1] (float or 0-dim tensor; gradients flow).
+        lam: sparsity weight >= 0.
+        lipschitz: ``L = ||A||^2`` at this input size (see :func:`operator_norm_sq`).
+        z_init: start code (default 0).
+    Returns:
+        (B, C_out, H', W') code ``z_K``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if step_rule not in STEP_RULES:
+        raise ValueError(f"unknown step_rule {step_rule!r}; choose one of {STEP_RULES}")
+    if step_rule == 'learnable' and step_scale is None:
+        raise ValueError("step_rule='learnable' needs a step_scale tensor")
+    return rista(
+        x, weight, _scalar_like(beta, x), _scalar_like(lam, x), _scalar_like(lipschitz, x).float(),
+        list(_pair(stride)), list(_pair(padding)), num_steps, eps, nonneg, step_rule, step_scale, z_init)
+
+
+def elastic_objective(
+        x: torch.Tensor,
+        z: torch.Tensor,
+        weight: torch.Tensor,
+        beta: Union[float, torch.Tensor],
+        lam: Union[float, torch.Tensor],
+        stride: _IntPair = 1,
+        padding: _IntPair = 0,
+        eps: float = 0.0,
+) -> torch.Tensor:
+    """Per-sample elastic objective F(z) (``eps > 0``: the Huber-smoothed F_eps). Shape (B,)."""
+    stride_ = list(_pair(stride))
+    padding_ = list(_pair(padding))
+    r = (x - synthesis(z, weight, stride_, padding_, [x.shape[-2], x.shape[-1]])).flatten(1)
+    if eps > 0:
+        absr = r.abs()
+        l1 = torch.where(absr < eps, r * r / (2 * eps) + eps / 2, absr).sum(1)
+    else:
+        l1 = r.abs().sum(1)
+    return beta / 2 * (r * r).sum(1) + (1 - beta) / 2 * l1 + lam * z.flatten(1).abs().sum(1)
+
+
+@register_notrace_module  # unrolled solver with size-dependent caching: an FX leaf
+class EDLConv2d(nn.Module):
+    """Drop-in replacement for ``nn.Conv2d`` whose output is an elastic sparse code.
+
+    Args:
+        in_chans, out_chans, kernel_size, stride, padding: as for ``nn.Conv2d``
+            (``padding`` defaults to ``(k - 1) // 2``; groups and dilation are not supported).
+        num_steps: K unrolled RISTA steps (>= 1).
+        beta: initial beta in [0, 1].
+        beta_learnable: make beta a trained parameter (elastic DL); else a fixed buffer.
+        lam: sparsity weight; ``lam_learnable`` makes it a parameter (kept >= 0).
+        step_rule: 'fixed' | 'safe' | 'learnable' (see module docstring).
+        eps: floor of the residual magnitude in the reweighting.
+        nonneg: non-negative soft-thresholding.
+        normalize_atoms: unit-norm atoms on every forward.
+        bias: add a learnable per-channel bias to the code (like a conv bias).
+        power_iters: power iterations for L when no estimate exists for this input size
+            (cold start); ``power_iters_warm`` when refreshing a cached one in training.
+
+    Shapes: input (B, C_in, H, W) -> output (B, C_out, H', W'), H', W' as for ``nn.Conv2d``.
+    """
+    # TorchScript needs these annotated
+    track_stats: bool
+    last_objective: Optional[torch.Tensor]
+    last_sparsity: Optional[torch.Tensor]
+
+    def __init__(
+            self,
+            in_chans: int,
+            out_chans: int,
+            kernel_size: _IntPair = 3,
+            stride: _IntPair = 1,
+            padding: Optional[_IntPair] = None,
+            *,
+            num_steps: int = 2,
+            beta: float = 1.0,
+            beta_learnable: bool = True,
+            lam: float = 0.1,
+            lam_learnable: bool = False,
+            step_rule: str = 'fixed',
+            eps: float = 1e-3,
+            nonneg: bool = False,
+            normalize_atoms: bool = True,
+            bias: bool = False,
+            power_iters: int = 30,
+            power_iters_warm: int = 2,
+    ):
+        super().__init__()
+        if in_chans <= 0 or out_chans <= 0:
+            raise ValueError(f"EDLConv2d needs positive channel counts, got in_chans={in_chans}, out_chans={out_chans}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must lie in [0, 1], got {beta}")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"unknown step_rule {step_rule!r}; choose one of {STEP_RULES}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0 (it floors |r| in 1/(2|r|)), got {eps}")
+        k = _pair(kernel_size)
+        self.in_chans = in_chans
+        self.out_chans = out_chans
+        self.kernel_size = k
+        self.stride = list(_pair(stride))
+        self.padding = list(_pair(padding if padding is not None else ((k[0] - 1) // 2, (k[1] - 1) // 2)))
+        self.num_steps = num_steps
+        self.step_rule = step_rule
+        self.eps = eps
+        self.nonneg = nonneg
+        self.normalize = normalize_atoms
+        self.power_iters = power_iters
+        self.power_iters_warm = power_iters_warm
+
+        self.weight = nn.Parameter(torch.empty(out_chans, in_chans, k[0], k[1]))
+        self.bias = nn.Parameter(torch.zeros(out_chans)) if bias else None
+        beta_t = torch.tensor(float(beta))
+        if beta_learnable:
+            self.beta = nn.Parameter(beta_t)
+        else:
+            self.register_buffer('beta', beta_t)
+        lam_t = torch.tensor(float(lam))
+        if lam_learnable:
+            self.lam = nn.Parameter(lam_t)
+        else:
+            self.register_buffer('lam', lam_t)
+        self.step_scale = nn.Parameter(torch.ones(())) if step_rule == 'learnable' else None
+        # L and the input size it was computed at are saved with the weights, so a loaded
+        # model reproduces the step sizes it was trained with; the power-iteration vector
+        # (as large as one input) is only a warm start and is not saved.
+        self.register_buffer('lipschitz', torch.zeros(()))
+        self.register_buffer('lipschitz_size', torch.tensor([-1, -1], dtype=torch.long))
+        self.register_buffer('power_vector', torch.zeros(0), persistent=False)
+        self._cache_key: List[int] = [-1, -1, -1, -1]  # H, W, weight version, weight address
+        self.track_stats = False
+        self.last_objective = None
+        self.last_sparsity = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Conv2d's default
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.reset_step_cache()
+
+    def reset_step_cache(self) -> None:
+        """Forget the cached ``L``: call after editing ``weight`` in place in eval mode."""
+        self._cache_key = [-1, -1, -1, -1]
+        self.power_vector = torch.zeros(0, device=self.weight.device)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_chans}, {self.out_chans}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, num_steps={self.num_steps}, beta={float(self.beta):.3g}, "
+                f"beta_learnable={isinstance(self.beta, nn.Parameter)}, lam={float(self.lam):.3g}, "
+                f"step_rule={self.step_rule}, eps={self.eps}, nonneg={self.nonneg}, "
+                f"normalize_atoms={self.normalize}, bias={self.bias is not None}")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.reset_step_cache()
+        size = [int(v) for v in self.lipschitz_size.tolist()]
+        if size[0] > 0 and float(self.lipschitz) > 0:
+            self._cache_key = [size[0], size[1]] + self._weight_identity()
+
+    def dictionary(self) -> torch.Tensor:
+        """The dictionary A used in the forward (atoms normalised if ``normalize_atoms``)."""
+        return normalize_atoms(self.weight) if self.normalize else self.weight
+
+    def beta_value(self) -> torch.Tensor:
+        """beta clamped to [0, 1] (straight-through gradient)."""
+        return _clamp_ste(self.beta, 0.0, 1.0)
+
+    def lam_value(self) -> torch.Tensor:
+        return _clamp_ste(self.lam, 0.0, float('inf'))
+
+    @torch.jit.unused
+    def _autocast_inputs(self, x: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Under autocast run the whole solver in the autocast dtype, not just its convs."""
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            return x.to(dtype), weight.to(dtype)
+        return x, weight
+
+    @torch.jit.unused
+    def _record_stats(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                      beta: torch.Tensor, lam: torch.Tensor) -> None:
+        with torch.no_grad():
+            obj = elastic_objective(x.float(), z.float(), weight.float(), beta.float(), lam.float(),
+                                    self.stride, self.padding)
+            self.last_objective = obj.mean()
+            self.last_sparsity = (z == 0).float().mean()
+
+    @torch.jit.unused
+    def _power_iteration(
+            self, weight: torch.Tensor, in_size: List[int], num_iters: int, init: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return operator_norm_sq(weight, in_size, self.stride, self.padding, num_iters, init)
+
+    @torch.jit.unused
+    def _weight_identity(self) -> List[int]:
+        """(in-place version counter, storage address) of the weight: changes on every update."""
+        return [int(self.weight._version), int(self.weight.data_ptr())]
+
+    def _lipschitz(self, weight: torch.Tensor, in_size: List[int]) -> torch.Tensor:
+        """L = ||A||^2 at ``in_size``, recomputed only when the weight or the size changed.
+
+        A weight update (optimizer step, load_state_dict) triggers a warm-started refresh
+        of a few power iterations; a new input size a cold start.  So L is constant across
+        the many forwards of an attack and across a checkpointed recompute.
+        """
+        identity = [-1, -1]  # scripted: no version counter, refresh (warm) every call
+        if not torch.jit.is_scripting():
+            identity = self._weight_identity()
+        key = [in_size[0], in_size[1], identity[0], identity[1]]
+        same_size = key[0] == self._cache_key[0] and key[1] == self._cache_key[1]
+        if key == self._cache_key and identity[0] >= 0:
+            return self.lipschitz
+        warm = same_size and self.power_vector.numel() > 0
+        num_iters = self.power_iters_warm if warm else self.power_iters
+        init = self.power_vector if warm else None
+        if torch.jit.is_scripting():
+            L, u = operator_norm_sq(weight, in_size, self.stride, self.padding, num_iters, init)
+        else:
+            L, u = self._power_iteration(weight, in_size, num_iters, init)
+        self.lipschitz = L.to(torch.float32)
+        self.lipschitz_size = torch.tensor(in_size, dtype=torch.long, device=L.device)
+        self.power_vector = u.to(torch.float32)
+        self._cache_key = key
+        return self.lipschitz
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"EDLConv2d expected input of shape (B, {self.in_chans}, H, W), got {list(x.shape)}")
+        k = self.kernel_size
+        if x.shape[-2] + 2 * self.padding[0] < k[0] or x.shape[-1] + 2 * self.padding[1] < k[1]:
+            raise ValueError(
+                f"EDLConv2d input {x.shape[-2]}x{x.shape[-1]} is smaller than the kernel {k[0]}x{k[1]} "
+                f"with padding {self.padding}: use a larger image")
+        weight = self.dictionary()
+        if not torch.jit.is_scripting():
+            x, weight = self._autocast_inputs(x, weight)
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        in_size = [x.shape[-2], x.shape[-1]]
+        L = self._lipschitz(weight, in_size)
+        beta = self.beta_value()
+        lam = self.lam_value()
+        z = rista(
+            x, weight, beta, lam, L, self.stride, self.padding, self.num_steps,
+            self.eps, self.nonneg, self.step_rule, self.step_scale)
+        if self.track_stats and not torch.jit.is_scripting():
+            self._record_stats(x, z, weight, beta, lam)
+        if self.bias is not None:
+            z = z + self.bias.view(1, -1, 1, 1).to(z.dtype)
+        return z
+
+
+def edl_layers(model: nn.Module) -> List[Tuple[str, EDLConv2d]]:
+    """All EDL layers of ``model`` as (qualified name, module), in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, EDLConv2d)]
+
+
+def set_beta_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Switch every EDL layer of ``model`` between the paper's regimes.
+
+    * ``'vanilla'``: beta = 1, frozen (vanilla DL / Lasso; stage 1 of the two-stage schedule)
+    * ``'robust'``: beta = 0, frozen (robust l1 DL)
+    * ``'elastic'``: beta trainable from its current value (stage 2)
+    * ``'frozen'``: beta kept at its current value, not trained
+
+    beta stays a ``nn.Parameter`` throughout (only ``requires_grad`` changes), so
+    optimizers built before the switch keep working and state dicts keep their keys.
+    Layers built with ``beta_learnable=False`` hold beta as a buffer: 'elastic' on them
+    raises. Returns ``model``.
+    """
+    modes = ('vanilla', 'robust', 'elastic', 'frozen')
+    if mode not in modes:
+        raise ValueError(f"unknown beta mode {mode!r}; choose one of {modes}")
+    layers = edl_layers(model)
+    if not layers:
+        raise ValueError("model has no EDLConv2d layers: nothing to switch")
+    for name, layer in layers:
+        with torch.no_grad():
+            if mode == 'vanilla':
+                layer.beta.fill_(1.0)
+            elif mode == 'robust':
+                layer.beta.fill_(0.0)
+            else:
+                layer.beta.clamp_(0.0, 1.0)
+        if isinstance(layer.beta, nn.Parameter):
+            layer.beta.requires_grad_(mode == 'elastic')
+        elif mode == 'elastic':
+            raise ValueError(f"layer {name!r} was built with beta_learnable=False; cannot make beta trainable")
+    return model
+
+
+@torch.no_grad()
+def edl_layer_stats(model: nn.Module, x: Optional[torch.Tensor] = None) -> Dict[str, Dict[str, float]]:
+    """Diagnostics per EDL layer: beta, and (if ``x`` is given) the mean final objective
+    F(z_K) over the batch and the code sparsity (fraction of exact zeros) on input ``x``.
+
+    Runs one forward pass on ``x`` in the model's current mode (no gradients).
+    """
+    layers = edl_layers(model)
+    stats: Dict[str, Dict[str, float]] = {n: {'beta': float(m.beta.clamp(0, 1))} for n, m in layers}
+    if x is not None:
+        for _, m in layers:
+            m.track_stats = True
+        try:
+            model(x)
+        finally:
+            for _, m in layers:
+                m.track_stats = False
+        for n, m in layers:
+            if m.last_objective is not None and m.last_sparsity is not None:
+                stats[n]['objective'] = float(m.last_objective)
+                stats[n]['sparsity'] = float(m.last_sparsity)
+            m.last_objective = None
+            m.last_sparsity = None
+    return stats
