@@ -7,7 +7,10 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # One BLAS thread per pytest worker: two workers on the 2-core CI machine.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install test test-slow bench demo clean
+.PHONY: install data test test-slow bench demo clean
+
+# Debian's Fashion-MNIST (full, lossless) for the data tests; needs root + apt.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,11 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-test: $(BIN)/.installed
+data:
+	@test -d $(FMNIST_DIR) || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "warning: could not install dataset-fashion-mnist (needs root and apt); its tests will skip outside CI"
+
+test: $(BIN)/.installed data
 	$(TEST_ENV) $(BIN)/python -m pytest -n 2 -q -p no:cacheprovider tests
 
 test-slow: $(BIN)/.installed

@@ -20,7 +20,7 @@ EDL_DEFAULTS: Dict[str, Any] = dict(
     num_steps=2, beta=1.0, beta_learnable=True, lam=0.1, lam_learnable=False,
     step_rule='fixed', eps=1e-3, nonneg=False, normalize_atoms=True,
 )
-_EDL_KEYS = set(EDL_DEFAULTS) | {'bias', 'power_iters', 'power_iters_warm'}
+_EDL_KEYS = set(EDL_DEFAULTS) | {'bias', 'power_iters', 'power_iters_warm', 'fixed_lipschitz'}
 
 Policy = Union[str, Callable[[str, nn.Conv2d], bool]]
 POLICIES = {

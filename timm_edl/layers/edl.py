@@ -112,6 +112,14 @@ def _scalar_like(v: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor
     return torch.tensor(float(v), device=x.device, dtype=x.dtype)
 
 
+def _step_dtype_scalar(v: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Step-size quantities stay in float32 (float64 for float64 x) even for bf16/fp16 x."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if isinstance(v, torch.Tensor):
+        return v.to(device=x.device, dtype=dtype)
+    return torch.tensor(float(v), device=x.device, dtype=dtype)
+
+
 def _clamp_ste(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """clamp(v, lo, hi) in the forward, identity in the backward (straight-through)."""
     return v + (v.clamp(lo, hi) - v).detach()
@@ -189,7 +197,8 @@ def rista(
     in_size = [x.shape[-2], x.shape[-1]]
     beta = beta.to(x.dtype)
     lam = lam.to(x.dtype)
-    lipschitz = lipschitz.float()
+    # step sizes in float32 at least (float64 for float64 inputs), cast to x's dtype per step
+    lipschitz = lipschitz.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     z = z_init
     for _ in range(num_steps):
         if z is None:
@@ -198,9 +207,9 @@ def rista(
             r = x - synthesis(z, weight, stride, padding, in_size)
         a = beta + (1.0 - beta) / (2.0 * r.abs().clamp_min(eps))
         if step_rule == 'safe':
-            a_max = a.detach().flatten(1).amax(dim=1).view(-1, 1, 1, 1).float()
+            a_max = a.flatten(1).amax(dim=1).view(-1, 1, 1, 1).to(lipschitz.dtype)
         else:
-            a_max = torch.ones((), device=x.device)
+            a_max = torch.ones((), device=x.device, dtype=lipschitz.dtype)
         step = rista_step_sizes(a_max, lipschitz, step_rule, step_scale).to(x.dtype)
         u = analysis(a * r, weight, stride, padding) * step
         if z is not None:
@@ -244,7 +253,7 @@ def edl_conv2d(
     if step_rule == 'learnable' and step_scale is None:
         raise ValueError("step_rule='learnable' needs a step_scale tensor")
     return rista(
-        x, weight, _scalar_like(beta, x), _scalar_like(lam, x), _scalar_like(lipschitz, x).float(),
+        x, weight, _scalar_like(beta, x), _scalar_like(lam, x), _step_dtype_scalar(lipschitz, x),
         list(_pair(stride)), list(_pair(padding)), num_steps, eps, nonneg, step_rule, step_scale, z_init)
 
 
@@ -287,7 +296,10 @@ class EDLConv2d(nn.Module):
         normalize_atoms: unit-norm atoms on every forward.
         bias: add a learnable per-channel bias to the code (like a conv bias).
         power_iters: power iterations for L when no estimate exists for this input size
-            (cold start); ``power_iters_warm`` when refreshing a cached one in training.
+            (cold start); ``power_iters_warm`` when refreshing it after a weight update.
+        fixed_lipschitz: use this constant for L instead of power iteration (e.g. 1.0
+            with num_steps=1, lam=0, beta=1, normalize_atoms=False makes the layer compute
+            exactly ``conv2d(x, weight)``: the function-preserving conversion setting).
 
     Shapes: input (B, C_in, H, W) -> output (B, C_out, H', W'), H', W' as for ``nn.Conv2d``.
     """
@@ -316,6 +328,7 @@ class EDLConv2d(nn.Module):
             bias: bool = False,
             power_iters: int = 30,
             power_iters_warm: int = 2,
+            fixed_lipschitz: Optional[float] = None,
     ):
         super().__init__()
         if in_chans <= 0 or out_chans <= 0:
@@ -343,6 +356,9 @@ class EDLConv2d(nn.Module):
         self.normalize = normalize_atoms
         self.power_iters = power_iters
         self.power_iters_warm = power_iters_warm
+        if fixed_lipschitz is not None and not fixed_lipschitz > 0:
+            raise ValueError(f"fixed_lipschitz must be > 0, got {fixed_lipschitz}")
+        self.fixed_lipschitz = float(fixed_lipschitz) if fixed_lipschitz is not None else 0.0
 
         self.weight = nn.Parameter(torch.empty(out_chans, in_chans, k[0], k[1]))
         self.bias = nn.Parameter(torch.zeros(out_chans)) if bias else None
@@ -441,6 +457,8 @@ class EDLConv2d(nn.Module):
         of a few power iterations; a new input size a cold start.  So L is constant across
         the many forwards of an attack and across a checkpointed recompute.
         """
+        if self.fixed_lipschitz > 0:
+            return torch.full((), self.fixed_lipschitz, device=weight.device)
         identity = [-1, -1]  # scripted: no version counter, refresh (warm) every call
         if not torch.jit.is_scripting():
             identity = self._weight_identity()

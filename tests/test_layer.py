@@ -1,0 +1,392 @@
+"""The EDL layer against independent references: the adjoint identity, a convex solver
+(cvxpy), plain ISTA, finite differences, and nn.Conv2d's shape arithmetic."""
+import math
+
+import cvxpy as cp
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st, HealthCheck
+
+from timm_edl.layers import (
+    EDLConv2d, analysis, edl_conv2d, edl_layer_stats, elastic_objective, operator_norm_sq,
+    set_beta_mode, synthesis,
+)
+
+GEOMETRIES = [  # (H, W, kernel, stride, padding)
+    (5, 5, 3, 2, 1), (6, 7, 3, 2, 1), (7, 8, 2, 1, 0), (8, 9, 4, 2, 1), (9, 6, 3, 1, 1),
+    (6, 7, 1, 2, 0), (11, 10, 5, 2, 2), (7, 7, 3, 1, 0), (10, 10, 4, 2, 2),
+]
+
+
+def dense_synthesis_matrix(weight, stride, padding, in_size):
+    """Matrix M with A*(z) = M z (columns: A* applied to the code basis), and the code shape."""
+    code = analysis(torch.zeros(1, weight.shape[1], *in_size, dtype=weight.dtype), weight, stride, padding)
+    n = code.numel()
+    basis = torch.eye(n, dtype=weight.dtype).view(n, *code.shape[1:])
+    cols = synthesis(basis, weight, stride, padding, in_size)
+    return cols.reshape(n, -1).T, tuple(code.shape[1:])
+
+
+def cvxpy_minimizer(M, x, beta, lam, eps):
+    """argmin_z beta/2||x-Mz||^2 + (1-beta)/2 sum h_eps(x-Mz) + lam||z||_1, h_eps the Huber
+    function of the module docstring (eps=0: the plain l1 data term)."""
+    z = cp.Variable(M.shape[1])
+    r = x - M @ z
+    l1 = cp.sum(cp.huber(r, eps) / (2 * eps) + eps / 2) if eps > 0 else cp.norm1(r)
+    problem = cp.Problem(cp.Minimize(beta / 2 * cp.sum_squares(r) + (1 - beta) / 2 * l1 + lam * cp.norm1(z)))
+    problem.solve(solver=cp.CLARABEL, tol_gap_abs=1e-12, tol_gap_rel=1e-12, tol_feas=1e-12)
+    assert problem.status == cp.OPTIMAL
+    return z.value, problem.value
+
+
+# ---------------------------------------------------------------- operators
+
+@pytest.mark.parametrize('H,W,k,s,p', GEOMETRIES)
+def test_synthesis_is_adjoint_of_analysis(H, W, k, s, p):
+    g = torch.Generator().manual_seed(H * 100 + W)
+    weight = torch.randn(4, 3, k, k, generator=g, dtype=torch.float64)
+    u = torch.randn(2, 3, H, W, generator=g, dtype=torch.float64)
+    Au = analysis(u, weight, [s, s], [p, p])
+    z = torch.randn(Au.shape, generator=g, dtype=torch.float64)
+    Asz = synthesis(z, weight, [s, s], [p, p], [H, W])
+    assert Asz.shape == u.shape
+    lhs, rhs = (Au * z).sum().item(), (u * Asz).sum().item()
+    assert abs(lhs - rhs) <= 1e-12 * max(abs(lhs), 1.0)
+
+
+@pytest.mark.parametrize('H,W,k,s,p', GEOMETRIES)
+def test_output_shape_matches_conv2d(H, W, k, s, p):
+    layer = EDLConv2d(3, 5, k, s, p, power_iters=3)
+    conv = nn.Conv2d(3, 5, k, s, p)
+    x = torch.rand(2, 3, H, W)
+    assert layer(x).shape == conv(x).shape
+
+
+def test_power_iteration_matches_dense_spectral_norm():
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    M, _ = dense_synthesis_matrix(weight, [2, 2], [1, 1], [7, 6])
+    exact = torch.linalg.matrix_norm(M, ord=2).item() ** 2
+    L, u = operator_norm_sq(weight, [7, 6], [2, 2], [1, 1], num_iters=2000)
+    assert L.item() <= exact * (1 + 1e-9)  # Rayleigh quotient: a lower bound
+    assert L.item() == pytest.approx(exact, rel=1e-6)
+    # a warm start from the converged vector stays converged
+    L2, _ = operator_norm_sq(weight, [7, 6], [2, 2], [1, 1], num_iters=1, init=u)
+    assert L2.item() == pytest.approx(exact, rel=1e-6)
+
+
+# ---------------------------------------------------------------- the solver
+
+CONVEX_CASES = [  # (name, weight shape, stride, padding, input size)
+    ('dense', (6, 10, 1, 1), 1, 0, (1, 1)),  # a 1x1 conv on one pixel: a dense 10x6 dictionary
+    ('conv_s1', (2, 3, 3, 3), 1, 1, (4, 5)),
+    ('conv_s2_odd', (3, 2, 3, 3), 2, 1, (5, 5)),  # 27 codes for 50 inputs
+]
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.3, 1.0])
+@pytest.mark.parametrize('case', CONVEX_CASES, ids=[c[0] for c in CONVEX_CASES])
+def test_rista_converges_to_cvxpy_minimizer(case, beta):
+    """Many safe RISTA steps reach the minimizer of the Huber-smoothed objective F_eps.
+
+    Measured here (float64, 25k steps, eps=0.1): relative objective gap <= 1e-10 in every
+    case (most at 1e-14..1e-16); asserted: gap <= 1e-8 relative, solution distance <= 1e-4.
+    """
+    _, wshape, s, p, in_size = case
+    g = torch.Generator().manual_seed(int(beta * 10) + len(wshape))
+    weight = torch.randn(wshape, generator=g, dtype=torch.float64)
+    x = torch.randn(1, wshape[1], *in_size, generator=g, dtype=torch.float64)
+    lam, eps = 0.1, 0.1
+    M, _ = dense_synthesis_matrix(weight, [s, s], [p, p], list(in_size))
+    L = torch.linalg.matrix_norm(M, ord=2) ** 2
+    z_ref, f_ref = cvxpy_minimizer(M.numpy(), x.flatten().numpy(), beta, lam, eps)
+
+    z = edl_conv2d(x, weight, beta, lam, L, s, p, num_steps=25000, eps=eps, step_rule='safe')
+    f = elastic_objective(x, z, weight, beta, lam, s, p, eps=eps).item()
+    assert f >= f_ref - 1e-9 * abs(f_ref)  # cvxpy's optimum is a lower bound (solver accuracy)
+    assert (f - f_ref) <= 1e-8 * abs(f_ref)
+    dist = np.linalg.norm(z.flatten().numpy() - z_ref) / max(np.linalg.norm(z_ref), 1e-12)
+    assert dist <= 1e-4
+
+    # and F_eps is within (1-beta) eps n / 4 of the true (unsmoothed) minimum
+    _, f_true = cvxpy_minimizer(M.numpy(), x.flatten().numpy(), beta, lam, 0.0)
+    f_unsmoothed = elastic_objective(x, z, weight, beta, lam, s, p, eps=0.0).item()
+    assert f_true - 1e-7 <= f_unsmoothed <= f_true + (1 - beta) * eps * x.numel() / 4 + 1e-7
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize('nonneg', [False, True])
+def test_safe_step_decreases_objective_monotonically(beta, nonneg):
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(6, 3, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 3, 9, 8, generator=g, dtype=torch.float64)  # 3 samples, each its own objective
+    lam, eps = 0.2, 1e-3
+    M, _ = dense_synthesis_matrix(weight, [2, 2], [1, 1], [9, 8])
+    L = torch.linalg.matrix_norm(M, ord=2) ** 2
+    z = None
+    values = []
+    for _ in range(60):
+        z = edl_conv2d(x, weight, beta, lam, L, 2, 1, num_steps=1, eps=eps, nonneg=nonneg,
+                       step_rule='safe', z_init=z)
+        values.append(elastic_objective(x, z, weight, beta, lam, 2, 1, eps=eps))
+    values = torch.stack(values)  # (steps, batch)
+    increases = values[1:] - values[:-1]
+    assert (increases <= 1e-12 * values[:-1].abs()).all(), increases.max()
+    assert (values[-1] < values[0]).all()
+
+
+def test_beta_one_is_plain_ista():
+    """With beta=1 the layer is ISTA on the Lasso, written here independently with matrices."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(5, 2, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 2, 6, 7, generator=g, dtype=torch.float64)
+    M, code_shape = dense_synthesis_matrix(weight, [2, 2], [1, 1], [6, 7])
+    L = torch.linalg.matrix_norm(M, ord=2).item() ** 2
+    lam, steps = 0.3, 7
+    for nonneg in (False, True):
+        z_ista = torch.zeros(2, M.shape[1], dtype=torch.float64)
+        xf = x.flatten(1)
+        for _ in range(steps):
+            u = z_ista + (xf - z_ista @ M.T) @ M / L
+            z_ista = torch.relu(u - lam / L) if nonneg else torch.sign(u) * torch.relu(u.abs() - lam / L)
+        z = edl_conv2d(x, weight, 1.0, lam, L, 2, 1, num_steps=steps, nonneg=nonneg, step_rule='fixed')
+        assert torch.allclose(z.flatten(1), z_ista, atol=1e-10, rtol=0)
+
+
+def test_first_step_from_zero_needs_no_synthesis():
+    """z_1 = T(s A(a_0 x)) with a_0 = beta + (1-beta)/(2 max(|x|, eps)), computed by hand."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    beta, lam, L, eps = 0.4, 0.05, 7.0, 1e-3
+    a0 = beta + (1 - beta) / (2 * x.abs().clamp_min(eps))
+    u = nn.functional.conv2d(a0 * x, weight, padding=1) / L
+    expected = torch.sign(u) * torch.relu(u.abs() - lam / L)
+    z = edl_conv2d(x, weight, beta, lam, L, 1, 1, num_steps=1, eps=eps)
+    assert torch.allclose(z, expected, atol=1e-13, rtol=0)
+
+
+# ---------------------------------------------------------------- gradients
+
+@pytest.mark.parametrize('step_rule', ['fixed', 'safe'])
+def test_gradcheck_functional(step_rule):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, weight, beta, lam):
+        return edl_conv2d(x, weight, beta, lam, 9.0, 2, 1, num_steps=3, eps=1e-3, step_rule=step_rule)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, beta, lam), eps=1e-7, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_module_input_and_parameters():
+    torch.manual_seed(0)
+    layer = EDLConv2d(2, 3, 3, stride=2, num_steps=3, beta=0.6, lam=0.05, power_iters=200).double()
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    layer(x)  # compute and cache L (a constant for differentiation)
+    params = (layer.weight, layer.beta)
+
+    def fn(x, weight, beta):
+        return torch.func.functional_call(layer, {'weight': weight, 'beta': beta}, (x,))
+
+    assert torch.autograd.gradcheck(fn, (x,) + params, eps=1e-7, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- module behaviour
+
+def test_autocast_bfloat16_finite_and_close():
+    torch.manual_seed(0)
+    layer = EDLConv2d(8, 16, 3, num_steps=3, beta=0.5)
+    x = torch.rand(4, 8, 16, 16)
+    ref = layer(x)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = layer(x)
+        out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(layer.weight.grad).all() and torch.isfinite(layer.beta.grad).all()
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert rel < 0.05
+
+
+def test_deterministic():
+    torch.manual_seed(0)
+    a = EDLConv2d(3, 8, 3, num_steps=2, beta=0.3)
+    torch.manual_seed(0)
+    b = EDLConv2d(3, 8, 3, num_steps=2, beta=0.3)
+    x = torch.rand(2, 3, 12, 12)
+    out_a1, out_a2, out_b = a(x), a(x), b(x)
+    assert torch.equal(out_a1, out_a2) and torch.equal(out_a1, out_b)
+
+
+def test_step_size_cached_until_weight_changes():
+    layer = EDLConv2d(3, 4, 3)
+    x = torch.rand(1, 3, 8, 8)
+    layer(x)
+    L0 = layer.lipschitz.clone()
+    layer(x)
+    assert torch.equal(layer.lipschitz, L0)
+    with torch.no_grad():
+        layer.weight.mul_(torch.linspace(0.1, 3.0, 4).view(4, 1, 1, 1))  # atoms normalised: change directions
+        layer.weight[0, 0] += 5
+    layer(x)
+    assert not torch.equal(layer.lipschitz, L0)
+    M, _ = dense_synthesis_matrix(layer.dictionary().detach().double(), [1, 1], [1, 1], [8, 8])
+    exact = torch.linalg.matrix_norm(M, ord=2).item() ** 2
+    assert layer.lipschitz.item() == pytest.approx(exact, rel=0.05)
+
+
+def test_state_dict_carries_step_size():
+    torch.manual_seed(0)
+    a = EDLConv2d(3, 4, 3, beta=0.5).eval()
+    x = torch.rand(2, 3, 10, 10)
+    out = a(x)
+    b = EDLConv2d(3, 4, 3, beta=0.5, power_iters=1).eval()  # a poor estimate if it had to compute one
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b(x), out)
+
+
+def test_nonneg_codes_are_nonnegative_and_sparsity_grows_with_lam():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 10, 10)
+    sparsity = []
+    for lam in (0.0, 0.1, 1.0, 100.0):
+        layer = EDLConv2d(3, 8, 3, lam=lam, nonneg=True)
+        torch.manual_seed(1)
+        layer.reset_parameters()
+        z = layer(x)
+        assert (z >= 0).all()
+        sparsity.append((z == 0).float().mean().item())
+    assert sparsity == sorted(sparsity) and sparsity[-1] == 1.0
+
+
+def test_beta_modes_freeze_and_release():
+    model = nn.Sequential(EDLConv2d(3, 4, 3, beta=0.7), nn.ReLU(), EDLConv2d(4, 4, 3, beta=0.7))
+    x = torch.rand(2, 3, 8, 8)
+    set_beta_mode(model, 'vanilla')
+    assert all(m.beta.item() == 1.0 and not m.beta.requires_grad for m in (model[0], model[2]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(x).square().mean().backward()
+    opt.step()
+    assert model[0].beta.item() == 1.0 and model[0].beta.grad is None
+
+    set_beta_mode(model, 'elastic')
+    assert model[0].beta.requires_grad
+    model(x).square().mean().backward()
+    assert model[0].beta.grad is not None and model[0].beta.grad.abs().item() > 0
+
+    set_beta_mode(model, 'robust')
+    assert model[2].beta.item() == 0.0 and not model[2].beta.requires_grad
+    with pytest.raises(ValueError, match='unknown beta mode'):
+        set_beta_mode(model, 'sideways')
+    with pytest.raises(ValueError, match='no EDLConv2d'):
+        set_beta_mode(nn.Conv2d(1, 1, 1), 'vanilla')
+    fixed = EDLConv2d(3, 4, 3, beta_learnable=False)
+    with pytest.raises(ValueError, match='beta_learnable=False'):
+        set_beta_mode(fixed, 'elastic')
+
+
+def test_beta_outside_box_is_clamped_and_can_return():
+    layer = EDLConv2d(3, 4, 3, beta=1.0)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        layer.beta.fill_(1.3)
+    out = layer(x)
+    with torch.no_grad():
+        layer.beta.fill_(1.0)
+    assert torch.equal(out, layer(x))  # forward uses clamp(beta, 0, 1)
+    with torch.no_grad():
+        layer.beta.fill_(1.3)
+    layer(x).sum().backward()
+    assert layer.beta.grad.abs().item() > 0  # straight-through: gradient still reaches beta
+
+
+def test_layer_stats_match_independent_objective():
+    torch.manual_seed(0)
+    layer = EDLConv2d(3, 6, 3, stride=2, beta=0.4, lam=0.2)
+    x = torch.rand(2, 3, 9, 9)
+    stats = edl_layer_stats(layer, x)['']
+    z = layer(x)
+    A = layer.dictionary().detach()
+    r = x - nn.functional.conv_transpose2d(z, A, stride=2, padding=1)  # 9x9 -> 5x5 -> 9x9, no output padding
+    expected = (0.4 / 2 * r.pow(2).flatten(1).sum(1) + 0.6 / 2 * r.abs().flatten(1).sum(1)
+                + 0.2 * z.abs().flatten(1).sum(1)).mean()
+    assert stats['objective'] == pytest.approx(expected.item(), rel=1e-5)
+    assert stats['sparsity'] == pytest.approx((z == 0).float().mean().item())
+    assert stats['beta'] == pytest.approx(0.4)
+    assert layer.track_stats is False
+
+
+def test_learnable_lam_and_step_scale_get_gradients():
+    layer = EDLConv2d(3, 4, 3, lam_learnable=True, step_rule='learnable', beta=0.5)
+    layer(torch.rand(2, 3, 8, 8)).sum().backward()
+    assert layer.lam.grad is not None and layer.step_scale.grad is not None
+
+
+def test_fixed_lipschitz_one_step_is_the_convolution():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=True)
+    layer = EDLConv2d(3, 5, 3, 2, 1, num_steps=1, lam=0.0, beta=1.0, normalize_atoms=False,
+                      fixed_lipschitz=1.0, bias=True)
+    layer.load_state_dict({**conv.state_dict(), 'beta': torch.tensor(1.0), 'lam': torch.tensor(0.0),
+                           'lipschitz': torch.tensor(0.0), 'lipschitz_size': torch.tensor([-1, -1])})
+    x = torch.rand(2, 3, 9, 9)
+    assert torch.allclose(layer(x), conv(x), atol=1e-6)
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(num_steps=0), 'num_steps'),
+    (dict(beta=1.5), 'beta'),
+    (dict(lam=-1.0), 'lam'),
+    (dict(step_rule='adam'), 'step_rule'),
+    (dict(eps=0.0), 'eps'),
+    (dict(fixed_lipschitz=-1.0), 'fixed_lipschitz'),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EDLConv2d(3, 4, 3, **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    layer = EDLConv2d(3, 4, 5, padding=0)
+    with pytest.raises(ValueError, match=r'expected input of shape \(B, 3, H, W\)'):
+        layer(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match='smaller than the kernel'):
+        layer(torch.rand(2, 3, 3, 3))
+    with pytest.raises(ValueError, match='num_steps'):
+        edl_conv2d(torch.rand(1, 3, 5, 5), torch.rand(4, 3, 3, 3), 1.0, 0.1, 1.0, num_steps=0)
+
+
+# ---------------------------------------------------------------- property-based
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 3),
+    in_chans=st.integers(1, 4),
+    out_chans=st.integers(1, 5),
+    kernel=st.integers(1, 4),
+    stride=st.integers(1, 2),
+    height=st.integers(4, 11),
+    width=st.integers(4, 11),
+    num_steps=st.integers(1, 4),
+    beta=st.floats(0.0, 1.0),
+    lam=st.floats(0.0, 2.0),
+    scale=st.sampled_from([0.0, 1e-6, 1.0, 1e3]),
+    nonneg=st.booleans(),
+    step_rule=st.sampled_from(['fixed', 'safe', 'learnable']),
+)
+def test_random_shapes_and_values_give_finite_outputs(
+        batch, in_chans, out_chans, kernel, stride, height, width, num_steps, beta, lam, scale, nonneg, step_rule):
+    layer = EDLConv2d(in_chans, out_chans, kernel, stride, num_steps=num_steps, beta=beta, lam=lam,
+                      nonneg=nonneg, step_rule=step_rule, power_iters=5)
+    x = torch.randn(batch, in_chans, height, width) * scale
+    out = layer(x)
+    conv_shape = nn.functional.conv2d(x, layer.weight, stride=stride, padding=layer.padding).shape
+    assert out.shape == conv_shape
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.isfinite(layer.weight.grad).all()
