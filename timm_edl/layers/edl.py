@@ -55,7 +55,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import register_notrace_module
+try:
+    from timm.layers import register_notrace_module
+except ImportError:  # timm < 1.0.17 keeps it with the FX feature extractor
+    from timm.models._features_fx import register_notrace_module
 
 __all__ = [
     'EDLConv2d', 'edl_conv2d', 'rista', 'elastic_objective', 'analysis', 'synthesis',
