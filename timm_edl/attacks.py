@@ -33,6 +33,7 @@ __all__ = [
     'AttackFn',
     'NORMS',
     'STEP_SCHEDULES',
+    'per_sample_cross_entropy',
     'input_gradient',
     'pgd_attack',
     'fgsm_rs',
