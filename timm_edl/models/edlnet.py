@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 
 from timm.layers import DropPath, create_classifier
+
+from ..layers.edl import register_notrace_module
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -32,12 +34,14 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 PAPER_ID = 'arXiv:2502.00834'
+MAX_STAGES = 4
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
     """``pretrained=True`` for a tag that has no published weights."""
 
 
+@register_notrace_module  # its shape check is Python control flow: an FX leaf
 class InputNormalize(nn.Module):
     """(x - mean) / std per channel; x: (B, C, H, W) pixels in [0, 1]."""
 
@@ -54,7 +58,7 @@ class InputNormalize(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:
             raise ValueError(
                 f"expected images of shape (B, {self.mean.shape[1]}, H, W) with pixels in [0, 1], got "
-                f"{list(x.shape)}; create the model with in_chans={x.shape[1] if x.dim() == 4 else '?'} "
+                f"{list(x.shape)}; create the model with in_chans={str(x.shape[1]) if x.dim() == 4 else '?'} "
                 f"for other channel counts")
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
@@ -206,6 +210,8 @@ class EDLResNet(nn.Module):
             raise ValueError(f"unknown stem_type {stem_type!r}; choose 'cifar' or 'imagenet'")
         if len(layers) != len(widths):
             raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} differ in length")
+        if not 1 <= len(layers) <= MAX_STAGES:
+            raise ValueError(f"EDLResNet has 1 to {MAX_STAGES} stages, got {len(layers)}")
         if in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
         block_cls = BLOCKS[block]
@@ -222,17 +228,17 @@ class EDLResNet(nn.Module):
             raise ValueError(f"input_mean has {len(input_mean)} values for in_chans={in_chans}")
 
         self.input_norm = InputNormalize(input_mean, input_std)
+        # registration order = execution order (timm's FeatureListNet runs children in order)
         if stem_type == 'cifar':
             self.conv1 = _conv3x3(in_chans, stem_width)
-            self.maxpool = nn.Identity()
             reduction = 1
         else:
             self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
-            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
             reduction = 2
         # pre-activation nets normalise inside the first block instead
         self.bn1 = nn.Identity() if self.preact else nn.BatchNorm2d(stem_width)
         self.act1 = nn.Identity() if self.preact else nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_type == 'imagenet' else nn.Identity()
         stem_tap = 'conv1' if self.preact else 'act1'
         self.feature_info = [dict(num_chs=stem_width, reduction=reduction, module=stem_tap)]
         if stem_type == 'imagenet':
@@ -255,6 +261,10 @@ class EDLResNet(nn.Module):
             self.add_module(name, nn.Sequential(*blocks))
             self.stage_names.append(name)
             self.feature_info.append(dict(num_chs=in_chs, reduction=reduction, module=name))
+        for stage_idx in range(len(layers), MAX_STAGES):
+            # absent stages (e.g. the 3-stage WRNs) are parameter-free no-ops, so that
+            # forward_features can name every stage and stay scriptable
+            self.add_module(f'layer{stage_idx + 1}', nn.Identity())
         self.num_features = self.head_hidden_size = in_chs
         self.final_norm = nn.BatchNorm2d(in_chs) if self.preact else nn.Identity()
         self.final_act = nn.ReLU(inplace=True) if self.preact else nn.Identity()
@@ -366,8 +376,10 @@ class EDLResNet(nn.Module):
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq([getattr(self, n) for n in self.stage_names], x, flatten=True)
         else:
-            for name in self.stage_names:
-                x = getattr(self, name)(x)
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            x = self.layer4(x)
         return self.final_act(self.final_norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -453,8 +465,19 @@ def _create_edlnet(variant: str, pretrained: bool = False, **kwargs) -> EDLResNe
         _check_weights_exist(variant, kwargs)
     return build_model_with_cfg(
         EDLResNet, variant, pretrained,
+        pretrained_filter_fn=_filter_pretrained,
         **kwargs,
     )
+
+
+def _filter_pretrained(state_dict: Dict[str, torch.Tensor], model: EDLResNet) -> Dict[str, torch.Tensor]:
+    """Forget the saved step size of an EDL stem whose weight timm is about to adapt to
+    another ``in_chans`` (the saved L belongs to the original dictionary)."""
+    weight = state_dict.get('conv1.weight')
+    if weight is not None and weight.shape[1] != model.conv1.weight.shape[1] and 'conv1.lipschitz_size' in state_dict:
+        state_dict = dict(state_dict)
+        state_dict['conv1.lipschitz_size'] = torch.tensor([-1, -1], dtype=torch.long)
+    return state_dict
 
 
 def _cifar_resnet(block: str, layers, **kwargs) -> Dict[str, Any]:
