@@ -390,3 +390,73 @@ def test_random_shapes_and_values_give_finite_outputs(
     assert torch.isfinite(out).all()
     out.sum().backward()
     assert torch.isfinite(layer.weight.grad).all()
+
+
+# ---------------------------------------------------------------- the fused fast path
+
+def _layer_pair(**kwargs):
+    torch.manual_seed(0)
+    fused = EDLConv2d(3, 5, 3, fused=True, **kwargs).double()
+    reference = EDLConv2d(3, 5, 3, fused=False, **kwargs).double()
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+@pytest.mark.parametrize('stride,size', [(1, 8), (2, 9)])
+@pytest.mark.parametrize('nonneg', [False, True])
+@pytest.mark.parametrize('num_steps', [1, 3])
+def test_fused_path_matches_reference_values_and_gradients(stride, size, nonneg, num_steps):
+    """The hand-written backward against autograd through the reference solver."""
+    fused, reference = _layer_pair(stride=stride, nonneg=nonneg, num_steps=num_steps, beta=0.4,
+                                   lam=0.05, lam_learnable=True, eps=1e-2)
+    x = torch.randn(2, 3, size, size, dtype=torch.float64, requires_grad=True)
+    out_f, out_r = fused(x), reference(x)
+    assert torch.equal(fused.lipschitz, reference.lipschitz)
+    assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
+    g = torch.randn_like(out_f)
+    params_f = [x, fused.weight, fused.beta, fused.lam]
+    params_r = [x, reference.weight, reference.beta, reference.lam]
+    grads_f = torch.autograd.grad(out_f, params_f, g)
+    grads_r = torch.autograd.grad(out_r, params_r, g)
+    for name, a, b in zip(['x', 'weight', 'beta', 'lam'], grads_f, grads_r):
+        assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), name
+
+
+def test_fused_path_gradcheck():
+    from timm_edl.layers.edl import rista_fused
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    lam = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    L = torch.tensor(9.0, dtype=torch.float64)
+
+    def fn(x, weight, beta, lam):
+        return rista_fused(x, weight, beta, lam, L, [2, 2], [1, 1], 3, 1e-3, False)
+
+    assert torch.autograd.gradcheck(fn, (x, weight, beta, lam), eps=1e-7, atol=1e-5, rtol=1e-4)
+
+
+def test_input_gradient_only_when_parameters_are_frozen():
+    """Attacks differentiate w.r.t. the input alone: the fused backward skips weight grads."""
+    fused, reference = _layer_pair(beta=0.5)
+    for p in list(fused.parameters()) + list(reference.parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    gx_f, = torch.autograd.grad(fused(x).square().sum(), x)
+    gx_r, = torch.autograd.grad(reference(x).square().sum(), x)
+    assert torch.allclose(gx_f, gx_r, atol=1e-11)
+
+
+def test_memory_efficient_backward_gives_identical_gradients():
+    torch.manual_seed(0)
+    plain = EDLConv2d(3, 5, 3, beta=0.6, num_steps=3)
+    saving = EDLConv2d(3, 5, 3, beta=0.6, num_steps=3, memory_efficient=True)
+    saving.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 10, 10, requires_grad=True)
+    out_p, out_s = plain(x), saving(x)
+    assert torch.equal(out_p, out_s)
+    grads_p = torch.autograd.grad(out_p.square().sum(), [x, plain.weight, plain.beta])
+    grads_s = torch.autograd.grad(out_s.square().sum(), [x, saving.weight, saving.beta])
+    for a, b in zip(grads_p, grads_s):
+        assert torch.equal(a, b)

@@ -54,6 +54,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 try:
     from timm.layers import register_notrace_module
@@ -130,7 +131,7 @@ def _clamp_ste(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 def operator_norm_sq(
         weight: torch.Tensor, in_size: List[int], stride: List[int], padding: List[int],
-        num_iters: int = 50, init: Optional[torch.Tensor] = None,
+        num_iters: int = 50, init: Optional[torch.Tensor] = None, min_iters: int = -1, tol: float = 1e-3,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Power iteration for ``L = ||A||^2`` (largest eigenvalue of A* A) at input size ``in_size``.
 
@@ -138,6 +139,8 @@ def operator_norm_sq(
     call.  No gradient flows; runs in float32 (float64 for a float64 weight); call it
     outside autocast.  The start vector is a fixed deterministic pattern, so results do
     not depend on the global RNG.  The Rayleigh quotient approaches ``L`` from below.
+    With ``min_iters >= 0`` it stops after ``min_iters`` iterations once the estimate
+    changes by less than ``tol`` (relative) in one iteration (at most ``num_iters``).
     """
     with torch.no_grad():
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -150,10 +153,13 @@ def operator_norm_sq(
         u = u.view(1, w.shape[1], in_size[0], in_size[1])
         u = u / u.norm().clamp_min(1e-30)
         L = torch.zeros((), dtype=dtype, device=w.device)
-        for _ in range(max(num_iters, 1)):
+        for i in range(max(num_iters, 1)):
             v = synthesis(analysis(u, w, stride, padding), w, stride, padding, in_size)
+            L_prev = L
             L = (u * v).sum()  # Rayleigh quotient <u, A*A u>, ||u|| = 1
             u = v / v.norm().clamp_min(1e-30)
+            if 0 <= min_iters <= i and float((L - L_prev).abs()) <= tol * float(L.abs()):
+                break
         return L.clamp_min(1e-12), u
 
 
@@ -219,6 +225,105 @@ def rista(
             u = z + u
         z = _shrink(u, lam * step, nonneg)
     assert z is not None, "num_steps must be >= 1"
+    return z
+
+
+class _RistaStep(torch.autograd.Function):
+    """One fixed-step RISTA step, computed in place, with a hand-written backward.
+
+    The same math as :func:`rista` (``a_t * r_t`` is rewritten without the reciprocal:
+    ``r / (2 max(|r|, eps)) = clip(r, -eps, eps) / (2 eps)``, and soft-thresholding as
+    ``u - clip(u, -c, c)``), so it needs a handful of elementwise passes instead of a
+    dozen, and it saves only ``r`` for the backward instead of every intermediate::
+
+        r = x - A*(z);  t = clip(r, +-eps) / (2 eps);  q = t + beta (r - t)   (= a * r)
+        u = z + s A(q);  z' = u - clip(u, +-lam s)      (nonneg: relu(u - lam s))
+
+    Backward, with g = dLoss/dz' and m = 1{z' != 0} (the support, read off z')::
+
+        du = g m;  dq = s A*(du);  dr = dq (beta + (1 - beta) 1{|r| < eps} / (2 eps))
+        dx = dr;  dz = du - A(dr);  dbeta = <dq, r - t>;  dlam = -s <g, sign(z')>
+        dA = s dW_conv(q, du) - dW_conv(dr, z)
+
+    ``z is None`` is the first step from z_0 = 0 (``r = x``).  The step ``s`` is a
+    constant (the 'fixed' rule); double backward is not supported (use the reference
+    path, ``fused=False``, for that).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, weight, beta, lam, step, stride, padding, eps, nonneg):
+        in_size = [x.shape[-2], x.shape[-1]]
+        if z is None:
+            r = x
+        else:
+            r = synthesis(z, weight, stride, padding, in_size).neg_().add_(x)
+        q = r.clamp(-eps, eps).mul_(0.5 / eps).lerp_(r, beta)
+        u = F.conv2d(q, weight * step, None, stride, padding)
+        del q
+        if z is not None:
+            u.add_(z)
+        threshold = lam * step
+        if nonneg:
+            z_next = u.sub_(threshold).relu_()
+        else:
+            z_next = u.sub_(u.clamp(-threshold, threshold))
+        ctx.save_for_backward(r, z, weight, beta, step, z_next)
+        ctx.conf = (stride, padding, eps)
+        return z_next
+
+    @staticmethod
+    def backward(ctx, grad):
+        r, z, weight, beta, step, z_next = ctx.saved_tensors
+        stride, padding, eps = ctx.conf
+        need_x, need_z, need_w, need_beta, need_lam = ctx.needs_input_grad[:5]
+        in_size = [r.shape[-2], r.shape[-1]]
+        support_sign = torch.sign(z_next)
+        du = grad * support_sign.abs()
+        dq = synthesis(du, weight, stride, padding, in_size).mul_(step)
+        dx = dz = dw = dbeta = dlam = None
+        inside = r.abs() < eps
+        if need_x or need_z or need_w:
+            slope = inside.to(r.dtype).mul_(0.5 / eps).lerp_(torch.ones_like(r), beta)
+            dr = dq * slope
+            del slope
+            dx = dr if need_x else None
+            if z is not None and need_z:
+                dz = du - analysis(dr, weight, stride, padding)
+        if need_beta or need_w:
+            t = r.clamp(-eps, eps).mul_(0.5 / eps)
+            if need_beta:
+                dbeta = (dq * (r - t)).sum().reshape(beta.shape)
+            if need_w:
+                q = t.lerp_(r, beta)
+                dw = torch.nn.grad.conv2d_weight(q, weight.shape, du, stride, padding).mul_(step)
+                if z is not None:
+                    dw.sub_(torch.nn.grad.conv2d_weight(dr, weight.shape, z, stride, padding))
+        if need_lam:
+            dlam = -(grad * support_sign).sum().mul(step).reshape(())
+        return dx, dz, dw, dbeta, dlam, None, None, None, None, None
+
+
+@torch.jit.unused
+def rista_fused(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        beta: torch.Tensor,
+        lam: torch.Tensor,
+        lipschitz: torch.Tensor,
+        stride: List[int],
+        padding: List[int],
+        num_steps: int,
+        eps: float,
+        nonneg: bool,
+) -> torch.Tensor:
+    """:func:`rista` for the 'fixed' step rule from z_0 = 0, through :class:`_RistaStep`."""
+    step = (1.0 / lipschitz.to(torch.float64 if x.dtype == torch.float64 else torch.float32)).to(x.dtype)
+    beta = beta.to(x.dtype)
+    lam = lam.to(x.dtype)
+    z: Optional[torch.Tensor] = None
+    for _ in range(num_steps):
+        z = _RistaStep.apply(x, z, weight, beta, lam, step, stride, padding, eps, nonneg)
+    assert z is not None
     return z
 
 
@@ -303,6 +408,12 @@ class EDLConv2d(nn.Module):
         fixed_lipschitz: use this constant for L instead of power iteration (e.g. 1.0
             with num_steps=1, lam=0, beta=1, normalize_atoms=False makes the layer compute
             exactly ``conv2d(x, weight)``: the function-preserving conversion setting).
+        fused: for the 'fixed' step rule, run the in-place steps with the hand-written
+            backward of :class:`_RistaStep` (same math and gradients as the reference
+            :func:`rista`, fewer memory passes, one saved tensor per step); False, other
+            step rules, and TorchScript use the autograd reference.
+        memory_efficient: in training, keep only the layer input and recompute the
+            solver in the backward (activation checkpointing; identical gradients).
 
     Shapes: input (B, C_in, H, W) -> output (B, C_out, H', W'), H', W' as for ``nn.Conv2d``.
     """
@@ -332,6 +443,8 @@ class EDLConv2d(nn.Module):
             power_iters: int = 30,
             power_iters_warm: int = 2,
             fixed_lipschitz: Optional[float] = None,
+            fused: bool = True,
+            memory_efficient: bool = False,
     ):
         super().__init__()
         if in_chans <= 0 or out_chans <= 0:
@@ -362,6 +475,8 @@ class EDLConv2d(nn.Module):
         if fixed_lipschitz is not None and not fixed_lipschitz > 0:
             raise ValueError(f"fixed_lipschitz must be > 0, got {fixed_lipschitz}")
         self.fixed_lipschitz = float(fixed_lipschitz) if fixed_lipschitz is not None else 0.0
+        self.fused = fused
+        self.memory_efficient = memory_efficient
 
         self.weight = nn.Parameter(torch.empty(out_chans, in_chans, k[0], k[1]))
         self.bias = nn.Parameter(torch.zeros(out_chans)) if bias else None
@@ -395,14 +510,15 @@ class EDLConv2d(nn.Module):
         self.reset_step_cache()
 
     def reset_step_cache(self) -> None:
-        """Forget the cached ``L``: call after editing ``weight`` in place in eval mode."""
+        """Forget the cached ``L`` (eager mode notices weight updates by itself; a scripted
+        layer in eval mode does not, so call this after editing its weights)."""
         self._cache_key = [-1, -1, -1, -1]
         self.power_vector = torch.zeros(0, device=self.weight.device)
 
     def extra_repr(self) -> str:
         return (f"{self.in_chans}, {self.out_chans}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, num_steps={self.num_steps}, beta={float(self.beta):.3g}, "
-                f"beta_learnable={isinstance(self.beta, nn.Parameter)}, lam={float(self.lam):.3g}, "
+                f"padding={self.padding}, num_steps={self.num_steps}, beta={self.beta.item():.3g}, "
+                f"beta_learnable={isinstance(self.beta, nn.Parameter)}, lam={self.lam.item():.3g}, "
                 f"step_rule={self.step_rule}, eps={self.eps}, nonneg={self.nonneg}, "
                 f"normalize_atoms={self.normalize}, bias={self.bias is not None}")
 
@@ -433,6 +549,13 @@ class EDLConv2d(nn.Module):
         return x, weight
 
     @torch.jit.unused
+    def _checkpointed_rista(self, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
+                            lam: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(
+            rista_fused, x, weight, beta, lam, L, self.stride, self.padding, self.num_steps, self.eps,
+            self.nonneg, use_reentrant=False)
+
+    @torch.jit.unused
     def _record_stats(self, x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
                       beta: torch.Tensor, lam: torch.Tensor) -> None:
         with torch.no_grad():
@@ -444,9 +567,10 @@ class EDLConv2d(nn.Module):
     @torch.jit.unused
     def _power_iteration(
             self, weight: torch.Tensor, in_size: List[int], num_iters: int, init: Optional[torch.Tensor],
+            min_iters: int,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            return operator_norm_sq(weight, in_size, self.stride, self.padding, num_iters, init)
+            return operator_norm_sq(weight, in_size, self.stride, self.padding, num_iters, init, min_iters)
 
     @torch.jit.unused
     def _weight_identity(self) -> List[int]:
@@ -462,20 +586,23 @@ class EDLConv2d(nn.Module):
         """
         if self.fixed_lipschitz > 0:
             return torch.full((), self.fixed_lipschitz, device=weight.device)
-        identity = [-1, -1]  # scripted: no version counter, refresh (warm) every call
+        identity = [-1, -1]  # TorchScript has no version counter
         if not torch.jit.is_scripting():
             identity = self._weight_identity()
         key = [in_size[0], in_size[1], identity[0], identity[1]]
         same_size = key[0] == self._cache_key[0] and key[1] == self._cache_key[1]
-        if key == self._cache_key and identity[0] >= 0:
+        if identity[0] >= 0 and key == self._cache_key:
             return self.lipschitz
+        if identity[0] < 0 and same_size and not self.training and float(self.lipschitz) > 0:
+            return self.lipschitz  # scripted eval: the weights are taken as fixed
         warm = same_size and self.power_vector.numel() > 0
-        num_iters = self.power_iters_warm if warm else self.power_iters
+        # warm: at least power_iters_warm iterations, more only while the estimate still moves
+        min_iters = self.power_iters_warm if warm else -1
         init = self.power_vector if warm else None
         if torch.jit.is_scripting():
-            L, u = operator_norm_sq(weight, in_size, self.stride, self.padding, num_iters, init)
+            L, u = operator_norm_sq(weight, in_size, self.stride, self.padding, self.power_iters, init, min_iters)
         else:
-            L, u = self._power_iteration(weight, in_size, num_iters, init)
+            L, u = self._power_iteration(weight, in_size, self.power_iters, init, min_iters)
         self.lipschitz = L.to(torch.float32)
         self.lipschitz_size = torch.tensor(in_size, dtype=torch.long, device=L.device)
         self.power_vector = u.to(torch.float32)
@@ -500,9 +627,14 @@ class EDLConv2d(nn.Module):
         L = self._lipschitz(weight, in_size)
         beta = self.beta_value()
         lam = self.lam_value()
-        z = rista(
-            x, weight, beta, lam, L, self.stride, self.padding, self.num_steps,
-            self.eps, self.nonneg, self.step_rule, self.step_scale)
+        if torch.jit.is_scripting() or not (self.fused and self.step_rule == 'fixed'):
+            z = rista(
+                x, weight, beta, lam, L, self.stride, self.padding, self.num_steps,
+                self.eps, self.nonneg, self.step_rule, self.step_scale)
+        elif self.memory_efficient and torch.is_grad_enabled():
+            z = self._checkpointed_rista(x, weight, beta, lam, L)
+        else:
+            z = rista_fused(x, weight, beta, lam, L, self.stride, self.padding, self.num_steps, self.eps, self.nonneg)
         if self.track_stats and not torch.jit.is_scripting():
             self._record_stats(x, z, weight, beta, lam)
         if self.bias is not None:
