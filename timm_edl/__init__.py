@@ -12,5 +12,6 @@ from .layers import (
     edl_layer_stats,
 )
 from .models import *  # noqa: F401,F403  (registers the models with timm)
+from .convert import convert_to_edl, set_edl_options
 
 __version__ = "0.1.0"

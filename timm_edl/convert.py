@@ -4,23 +4,67 @@ One mechanism serves two uses: the EDLNet constructors build a plain ResNet and 
 selected convolutions for freshly initialised EDL layers, and ``convert_to_edl`` turns
 the convolutions of an existing (trained) timm / torchvision CNN into EDL layers whose
 dictionaries start from the convolution weights.
+
+Function-preserving conversion
+------------------------------
+With ``num_steps=1, beta=1, lam=0, normalize_atoms=False, fixed_lipschitz=1.0`` (the
+:data:`PRESERVE_FUNCTION` setting, ``convert_to_edl(model, preserve_function=True)``) one
+RISTA step from ``z_0 = 0`` is ``z_1 = T_0(A(x) / L) = conv2d(x, weight)``: the converted
+network computes exactly what the original computed (up to float rounding of the bias
+add), BatchNorm and everything else untouched.
+
+Switching a converted network to the EDL regime (for adversarial fine-tuning) is
+:func:`set_edl_options` on the EDL layers, then :func:`timm_edl.set_beta_mode`::
+
+    set_edl_options(model, num_steps=2, lam=0.1, fixed_lipschitz=None)  # L by power iteration
+    set_beta_mode(model, 'vanilla')   # stage 1: beta = 1 (Lasso); later 'elastic'
+
+Per layer this sets the attributes ``num_steps``, ``lam`` (buffer, or parameter if
+``lam_learnable``), ``fixed_lipschitz`` (0.0 = use power iteration, ``L = ||A||^2``),
+optionally ``normalize`` (``normalize_atoms``), ``eps``, ``nonneg``, ``step_rule``,
+``power_iters``/``power_iters_warm``, and forgets the cached step size.  The function then
+changes: with the step ``1/L`` every code is scaled by about ``1/L`` relative to the
+convolution and ``lam > 0`` sparsifies it, so BatchNorm statistics must be re-estimated
+(train mode) and the network fine-tuned.  ``normalize_atoms=True`` additionally rescales
+every atom to unit norm.
+
+Serialising a conversion
+------------------------
+:func:`conversion_config` describes the EDL layers of a converted model as a JSON-able
+dict (the ``timm_edl_conversion`` block of an exported ``config.json``) and
+:func:`apply_conversion` re-applies it to a freshly built original architecture.
 """
+import argparse
+import json
 import re
-from typing import Any, Callable, Dict, List, Union
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
-from .layers import EDLConv2d
+from .layers import EDLConv2d, edl_layers
 
-__all__ = ['EDL_DEFAULTS', 'POLICIES', 'select_convs', 'convert_to_edl']
+__all__ = [
+    'EDL_DEFAULTS', 'PRESERVE_FUNCTION', 'POLICIES', 'select_convs', 'convert_to_edl',
+    'edl_layer_config', 'conversion_config', 'apply_conversion', 'set_edl_options', 'convert_main',
+]
 
 # EDLConv2d keyword arguments used by EDLNets unless overridden (model arg ``edl_cfg``)
 EDL_DEFAULTS: Dict[str, Any] = dict(
     num_steps=2, beta=1.0, beta_learnable=True, lam=0.1, lam_learnable=False,
     step_rule='fixed', eps=1e-3, nonneg=False, normalize_atoms=True,
 )
-_EDL_KEYS = set(EDL_DEFAULTS) | {'bias', 'power_iters', 'power_iters_warm', 'fixed_lipschitz'}
+_EDL_KEYS = set(EDL_DEFAULTS) | {'bias', 'power_iters', 'power_iters_warm', 'fixed_lipschitz', 'fused', 'memory_efficient'}
+
+# The setting at which an EDL layer computes exactly conv2d(x, weight) (see module docstring).
+PRESERVE_FUNCTION: Dict[str, Any] = dict(
+    num_steps=1, beta=1.0, lam=0.0, nonneg=False, normalize_atoms=False, fixed_lipschitz=1.0,
+)
+
+# Keys of edl_layer_config() whose values live in the state dict (not the architecture).
+_VALUE_KEYS = ('beta', 'lam')
+CONVERSION_FORMAT = 1
 
 Policy = Union[str, Callable[[str, nn.Conv2d], bool]]
 POLICIES = {
@@ -42,12 +86,13 @@ def select_convs(model: nn.Module, policy: Policy = 'default') -> List[str]:
     """Qualified names of the ``nn.Conv2d`` modules of ``model`` that ``policy`` selects.
 
     Grouped, dilated, non-zero-padded or string-padded convolutions cannot be EDL layers
-    and are never selected.  The stem is the first convolution in module order.
+    and are never selected.  The stem is the first convolution in module order (an EDL
+    layer already, in a partly converted model: then 'stem' selects nothing).
     """
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         return []
-    stem_name = convs[0][0]
+    stem_name = next(n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, EDLConv2d)))
     if callable(policy):
         chosen = [n for n, m in convs if policy(n, m)]
     elif not isinstance(policy, str):
@@ -60,7 +105,7 @@ def select_convs(model: nn.Module, policy: Policy = 'default') -> List[str]:
     elif policy == 'all':
         chosen = [n for n, _ in convs]
     elif policy == 'stem':
-        chosen = [stem_name]
+        chosen = [stem_name] if stem_name == convs[0][0] else []
     elif policy == 'blocks':
         chosen = [n for n, m in convs if max(m.kernel_size) > 1 and n != stem_name]
     elif policy == 'none':
@@ -77,10 +122,34 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def _check_edl_kwargs(edl_kwargs: Dict[str, Any]) -> None:
+    unknown = set(edl_kwargs) - _EDL_KEYS
+    if unknown:
+        raise ValueError(f"unknown EDL option(s) {sorted(unknown)}; valid: {sorted(_EDL_KEYS)}")
+
+
+def _replace_conv(model: nn.Module, name: str, kwargs: Dict[str, Any], copy_weights: bool) -> EDLConv2d:
+    conv = model.get_submodule(name)
+    kwargs = dict(kwargs)
+    kwargs.setdefault('bias', conv.bias is not None)
+    edl = EDLConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, **kwargs)
+    edl = edl.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    if copy_weights:
+        with torch.no_grad():
+            edl.weight.copy_(conv.weight)
+            if conv.bias is not None and edl.bias is not None:
+                edl.bias.copy_(conv.bias)
+        edl.reset_step_cache()
+    _set_submodule(model, name, edl)
+    return edl
+
+
 def convert_to_edl(
         model: nn.Module,
         policy: Policy = 'default',
         copy_weights: bool = True,
+        *,
+        preserve_function: bool = False,
         **edl_kwargs: Any,
 ) -> nn.Module:
     """Replace the convolutions selected by ``policy`` with :class:`EDLConv2d` layers, in place.
@@ -88,21 +157,256 @@ def convert_to_edl(
     Each EDL layer gets the geometry (channels, kernel, stride, padding) of the conv it
     replaces; with ``copy_weights`` its dictionary starts from the conv weight (and the
     conv bias, if any, becomes the code bias).  ``edl_kwargs`` go to every EDLConv2d.
-    Returns ``model``.
+
+    ``preserve_function=True`` uses :data:`PRESERVE_FUNCTION` (one step, beta=1, lam=0,
+    no atom normalisation, L fixed to 1): every EDL layer then computes exactly
+    ``conv2d(x, weight)``, so the converted model's outputs equal the original's.  Options
+    that would break this (``num_steps != 1``, ``lam != 0``, ...) are refused; options that
+    do not (``beta_learnable``, ``lam_learnable``, ``step_rule``, ``eps``, ...) are allowed.
+    Switch to the EDL regime afterwards with :func:`set_edl_options` (module docstring).
+
+    Works on any ``nn.Module`` (timm, torchvision, features_only wrappers): only the
+    selected ``nn.Conv2d`` modules change, the rest (BatchNorm, heads, the timm API
+    methods) is untouched.  Returns ``model``.
     """
-    unknown = set(edl_kwargs) - _EDL_KEYS
-    if unknown:
-        raise ValueError(f"unknown EDL option(s) {sorted(unknown)}; valid: {sorted(_EDL_KEYS)}")
+    _check_edl_kwargs(edl_kwargs)
+    if preserve_function:
+        if not copy_weights:
+            raise ValueError("preserve_function=True needs copy_weights=True (it keeps the conv weights)")
+        clashes = {k: v for k, v in edl_kwargs.items() if k in PRESERVE_FUNCTION and v != PRESERVE_FUNCTION[k]}
+        if clashes:
+            raise ValueError(
+                f"preserve_function=True needs {PRESERVE_FUNCTION}; {clashes} would change the function. "
+                f"Convert with preserve_function=True, then switch with set_edl_options(model, ...)")
+        edl_kwargs = {**edl_kwargs, **PRESERVE_FUNCTION}
     for name in select_convs(model, policy):
-        conv = model.get_submodule(name)
-        kwargs = dict(edl_kwargs)
-        kwargs.setdefault('bias', conv.bias is not None)
-        edl = EDLConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, **kwargs)
-        edl = edl.to(device=conv.weight.device, dtype=conv.weight.dtype)
-        if copy_weights:
-            with torch.no_grad():
-                edl.weight.copy_(conv.weight)
-                if conv.bias is not None and edl.bias is not None:
-                    edl.bias.copy_(conv.bias)
-        _set_submodule(model, name, edl)
+        _replace_conv(model, name, edl_kwargs, copy_weights)
     return model
+
+
+def edl_layer_config(layer: EDLConv2d, values: bool = True) -> Dict[str, Any]:
+    """The EDLConv2d keyword arguments that rebuild ``layer`` (JSON-able).
+
+    ``values=False`` leaves out ``beta`` and ``lam``, whose current values are stored in
+    the state dict (what remains decides the layer's structure and computation).
+    """
+    cfg: Dict[str, Any] = dict(
+        num_steps=int(layer.num_steps),
+        beta_learnable=isinstance(layer.beta, nn.Parameter),
+        lam_learnable=isinstance(layer.lam, nn.Parameter),
+        step_rule=layer.step_rule, eps=float(layer.eps), nonneg=bool(layer.nonneg),
+        normalize_atoms=bool(layer.normalize), bias=layer.bias is not None,
+        power_iters=int(layer.power_iters), power_iters_warm=int(layer.power_iters_warm),
+        fixed_lipschitz=float(layer.fixed_lipschitz) if layer.fixed_lipschitz > 0 else None,
+    )
+    for key in ('fused', 'memory_efficient'):  # execution options (same math), when the layer has them
+        if key in _EDL_KEYS and hasattr(layer, key):
+            cfg[key] = bool(getattr(layer, key))
+    if values:
+        cfg['beta'] = min(max(float(layer.beta.detach().float().cpu()), 0.0), 1.0)
+        cfg['lam'] = max(float(layer.lam.detach().float().cpu()), 0.0)
+    return cfg
+
+
+def conversion_config(model: nn.Module) -> Dict[str, Any]:
+    """JSON-able description of the EDL layers of a converted model.
+
+    ``{'format': 1, 'layers': [names], 'edl_cfg': {...}, 'layer_overrides': {name: {...}}}``:
+    ``edl_cfg`` holds the EDLConv2d arguments of the first EDL layer, ``layer_overrides``
+    the keys in which another layer differs.  :func:`apply_conversion` rebuilds them.
+    """
+    layers = edl_layers(model)
+    if not layers:
+        raise ValueError("model has no EDLConv2d layers: nothing to describe")
+    common = edl_layer_config(layers[0][1])
+    overrides: Dict[str, Dict[str, Any]] = {}
+    for name, layer in layers[1:]:
+        cfg = edl_layer_config(layer, values=False)
+        diff = {k: v for k, v in cfg.items() if common.get(k) != v}
+        if diff:
+            overrides[name] = diff
+    return dict(format=CONVERSION_FORMAT, layers=[n for n, _ in layers], edl_cfg=common,
+                layer_overrides=overrides)
+
+
+def apply_conversion(model: nn.Module, block: Dict[str, Any]) -> nn.Module:
+    """Re-apply a :func:`conversion_config` block to a freshly built original model, in place.
+
+    The EDL layers are created with the recorded options and random dictionaries
+    (``copy_weights=False``); load the converted weights afterwards.  Layers named in
+    the block that are absent from ``model`` (e.g. pruned by ``features_only``) are
+    skipped only when ``model`` is a timm feature wrapper; otherwise they are an error.
+    """
+    if not isinstance(block, dict) or 'layers' not in block or 'edl_cfg' not in block:
+        raise ValueError("not a timm_edl_conversion block: expected a dict with 'layers' and 'edl_cfg'")
+    if int(block.get('format', 1)) > CONVERSION_FORMAT:
+        raise ValueError(
+            f"timm_edl_conversion format {block['format']} is newer than this timm-edl understands "
+            f"({CONVERSION_FORMAT}): upgrade timm-edl")
+    common = dict(block['edl_cfg'])
+    _check_edl_kwargs(common)
+    overrides = block.get('layer_overrides') or {}
+    is_feature_wrapper = type(model).__name__.startswith('Feature')
+    for name in block['layers']:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if module is None and is_feature_wrapper:
+            continue
+        if module is None or not _convertible(module):
+            what = 'missing' if module is None else f'a {type(module).__name__}, not a convertible nn.Conv2d'
+            raise ValueError(
+                f"the conversion names layer {name!r}, which is {what} in this "
+                f"{type(model).__name__}: the architecture differs from the converted one "
+                f"(other model_args or timm version?)")
+        kwargs = {**common, **overrides.get(name, {})}
+        _check_edl_kwargs(kwargs)
+        _replace_conv(model, name, kwargs, copy_weights=False)
+    return model
+
+
+_SETTABLE = ('num_steps', 'lam', 'fixed_lipschitz', 'normalize_atoms', 'eps', 'nonneg', 'step_rule',
+             'power_iters', 'power_iters_warm', 'fused', 'memory_efficient')
+
+
+def set_edl_options(model: nn.Module, **options: Any) -> nn.Module:
+    """Change hyperparameters of every EDL layer of ``model`` in place (see module docstring).
+
+    Keys: ``num_steps``, ``lam``, ``fixed_lipschitz`` (``None``: power iteration),
+    ``normalize_atoms``, ``eps``, ``nonneg``, ``step_rule`` (switching to 'learnable' adds a
+    ``step_scale`` parameter initialised to 1: rebuild the optimizer), ``power_iters``,
+    ``power_iters_warm``, and the execution options ``fused`` / ``memory_efficient``.
+    ``beta`` is switched with :func:`timm_edl.set_beta_mode`.
+    The cached step size is forgotten.  Returns ``model``.
+    """
+    unknown = set(options) - set(_SETTABLE)
+    if unknown:
+        raise ValueError(f"cannot set {sorted(unknown)} on EDL layers; settable: {list(_SETTABLE)} "
+                         f"(beta: use set_beta_mode)")
+    layers = edl_layers(model)
+    if not layers:
+        raise ValueError("model has no EDLConv2d layers")
+    if 'num_steps' in options and int(options['num_steps']) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {options['num_steps']}")
+    if 'lam' in options and float(options['lam']) < 0:
+        raise ValueError(f"lam must be >= 0, got {options['lam']}")
+    if 'eps' in options and not float(options['eps']) > 0:
+        raise ValueError(f"eps must be > 0, got {options['eps']}")
+    fixed = options.get('fixed_lipschitz', 0.0)
+    if fixed is not None and fixed != 0.0 and not float(fixed) > 0:
+        raise ValueError(f"fixed_lipschitz must be > 0 or None, got {fixed}")
+    if 'step_rule' in options:
+        from .layers import STEP_RULES
+        if options['step_rule'] not in STEP_RULES:
+            raise ValueError(f"unknown step_rule {options['step_rule']!r}; choose one of {STEP_RULES}")
+    for _, layer in layers:
+        for key, value in options.items():
+            if key == 'lam':
+                with torch.no_grad():
+                    layer.lam.fill_(float(value))
+            elif key == 'fixed_lipschitz':
+                layer.fixed_lipschitz = float(value) if value else 0.0
+            elif key == 'normalize_atoms':
+                layer.normalize = bool(value)
+            elif key == 'step_rule':
+                layer.step_rule = value
+                if value == 'learnable' and layer.step_scale is None:
+                    layer.step_scale = nn.Parameter(torch.ones((), device=layer.weight.device))
+                elif value != 'learnable':
+                    layer.step_scale = None
+            elif key in ('num_steps', 'power_iters', 'power_iters_warm'):
+                setattr(layer, key, int(value))
+            elif key == 'eps':
+                layer.eps = float(value)
+            else:
+                setattr(layer, key, bool(value))
+        layer.reset_step_cache()
+    return model
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parse_kv(items: Optional[Sequence[str]], what: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise SystemExit(f"timm-edl convert: {what} entries look like key=value, got {item!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _relative_logit_error(original: nn.Module, converted: nn.Module, input_size: Sequence[int]) -> float:
+    x = torch.rand(2, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = original.eval()(x)
+        b = converted.eval()(x)
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+def convert_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``timm-edl convert``: convert a timm CNN and write an exported (Hub-ready) folder."""
+    p = argparse.ArgumentParser(
+        prog='timm-edl convert',
+        description='Turn the Conv2d layers of a timm CNN into EDL layers (dictionaries initialised from '
+                    'the conv weights) and write a Hub-ready folder (model.safetensors, config.json, README.md) '
+                    'that timm_edl.hub.load() reads.')
+    p.add_argument('--model', required=True, help='timm model name, e.g. resnet18 or resnet50.a1_in1k')
+    p.add_argument('--pretrained', action='store_true', help="load timm's pretrained weights first (needs the Hub)")
+    p.add_argument('--checkpoint', help='load these weights (safetensors) into the original model first')
+    p.add_argument('--allow-pickle', action='store_true',
+                   help='allow a .pth/.bin --checkpoint (read with torch.load(weights_only=True))')
+    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra timm.create_model arguments')
+    p.add_argument('--policy', default='default',
+                   help=f"which convs: {', '.join(sorted(POLICIES))} (default: default)")
+    p.add_argument('--mode', choices=('preserve', 'edl'), default='preserve',
+                   help="'preserve' (default): function-preserving EDL layers (same outputs as the original); "
+                        "'edl': the EDLNet defaults (num_steps=2, lam=0.1, unit-norm atoms, L by power iteration)")
+    p.add_argument('--edl-cfg', nargs='*', metavar='KEY=VALUE', help='EDLConv2d options, e.g. beta_learnable=false')
+    p.add_argument('--out', required=True, help='output folder (must be empty or absent)')
+    p.add_argument('--model-name', help='published model name (default: <model>_edl[.<tag>])')
+    p.add_argument('--overwrite', action='store_true', help='replace the files of an existing export in --out')
+    p.add_argument('--no-check', action='store_true', help='skip the logits comparison (preserve mode)')
+    args = p.parse_args(argv)
+
+    import copy
+
+    import timm
+
+    from . import hub
+
+    try:
+        model_kwargs = _parse_kv(args.model_kwargs, '--model-kwargs')
+        edl_cfg = _parse_kv(args.edl_cfg, '--edl-cfg')
+        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        if args.checkpoint:
+            hub.load_checkpoint(model, args.checkpoint, allow_pickle=args.allow_pickle)
+        original = copy.deepcopy(model) if args.mode == 'preserve' and not args.no_check else None
+        if args.mode == 'preserve':
+            convert_to_edl(model, args.policy, preserve_function=True, **edl_cfg)
+        else:
+            convert_to_edl(model, args.policy, **{**EDL_DEFAULTS, **edl_cfg})
+        n = len(edl_layers(model))
+        if n == 0:
+            print(f"timm-edl convert: policy {args.policy!r} selects no convertible Conv2d in {args.model}",
+                  file=sys.stderr)
+            return 1
+        print(f"converted {n} convolution(s) of {args.model} to EDL layers ({args.mode} mode)")
+        if original is not None:
+            input_size = model.pretrained_cfg.get('input_size', (3, 224, 224))
+            err = _relative_logit_error(original, model, input_size)
+            print(f"max |logit difference| / max |logit| on random inputs {tuple(input_size)}: {err:.2e}")
+        out = hub.export(model, args.out, model_name=args.model_name, overwrite=args.overwrite)
+    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
+        print(f"timm-edl convert: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0

@@ -461,8 +461,11 @@ def _check_weights_exist(variant: str, kwargs: Dict[str, Any]) -> None:
 
 
 def _create_edlnet(variant: str, pretrained: bool = False, **kwargs) -> EDLResNet:
+    allow_pickle = kwargs.pop('allow_pickle', False)
     if pretrained:
         _check_weights_exist(variant, kwargs)
+        from ..hub import check_pretrained_source  # refuses pickles, validates safetensors
+        kwargs = check_pretrained_source(variant, kwargs, allow_pickle=allow_pickle)
     return build_model_with_cfg(
         EDLResNet, variant, pretrained,
         pretrained_filter_fn=_filter_pretrained,
