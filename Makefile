@@ -31,8 +31,10 @@ test: $(BIN)/.installed data
 test-slow: $(BIN)/.installed
 	$(TEST_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider -m slow tests
 
+# Speed/memory ratios measured in one run (see benchmarks/README.md); tables go to stdout.
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_layer.py
+	$(BIN)/python benchmarks/bench_layer.py --input-grad
+	$(BIN)/python benchmarks/bench_model.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
