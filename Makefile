@@ -33,8 +33,7 @@ test-slow: $(BIN)/.installed
 
 # Speed/memory ratios measured in one run (see benchmarks/README.md); tables go to stdout.
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_layer.py --input-grad
-	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/run_all.py --out docs/performance.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

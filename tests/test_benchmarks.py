@@ -113,3 +113,12 @@ def test_bench_model_quick_k2_skips(tmp_path):
     assert result['K'] == 2
     assert result['flops_fwd_edl'] == pytest.approx(result['flops_fwd_edl_analytic'])
     assert result['flops_fwd_edl'] > result['flops_fwd_twin']
+
+
+def test_bench_memory_quick(tmp_path):
+    """The memory benchmark runs; its exact accounting shows checkpointing saves memory."""
+    stdout, data = _run('bench_memory', tmp_path)
+    _, rows = _table(stdout, 'K', 'EDL implementation')
+    assert [r[1] for r in rows] == ['reference', 'fused', 'memory_efficient']
+    by_impl = {r['implementation']: r for r in data['results']}
+    assert by_impl['memory_efficient']['edl_bytes'] < by_impl['fused']['edl_bytes'] < by_impl['reference']['edl_bytes']
