@@ -1,0 +1,392 @@
+"""Tests of ``timm-edl train`` (timm_edl.train): config schema, objectives, the accelerate
+loop (state, summary, exports), the two-stage beta schedule, exact resumption, DDP with two
+CPU processes, and the user-facing errors.
+
+Every run uses a tiny EDLNet (a few thousand parameters, ImageNet stem so 28x28 inputs
+shrink to 7x7 at once) on the embedded Fashion-MNIST subset, so nothing is downloaded.
+"""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import timm
+import timm_edl  # noqa: F401  (registers edlnet_*)
+from timm_edl.layers.edl import edl_layers, set_beta_mode
+from timm_edl.train import ConfigError, TrainConfig, load_config, main, train
+from timm_edl.train.config import config_keys
+from timm_edl.train.objectives import craft, crafting_mode, training_loss
+from timm_edl.train.trainer import param_groups
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_KWARGS = "{stem_type: imagenet, layers: [1, 1], widths: [8, 16], stem_width: 8}"
+STEPS_PER_EPOCH = 4  # train_n_ex 128 / batch 32
+
+
+def tiny_args(output, **overrides):
+    """CLI arguments of a tiny two-epoch PGD run (4 optimizer steps per epoch)."""
+    values = {
+        'dataset': 'fashion-mnist-small', 'model': 'edlnet_resnet18', 'model-kwargs': TINY_KWARGS,
+        'epochs': 2, 'batch-size': 32, 'train-n-ex': 128, 'val-n-ex': 32, 'attack-steps': 2,
+        'val-attack-steps': 2, 'num-workers': 0, 'sched': 'cosine', 'lr': 0.05, 'progress': 'never',
+        'output': str(output),
+    }
+    values.update({k.replace('_', '-'): v for k, v in overrides.items()})
+    args = []
+    for key, value in values.items():
+        args += [f'--{key}', str(value)]
+    return args
+
+
+def tiny_config(output, **overrides):
+    args = tiny_args(output, **overrides)
+    return load_config(None, args)
+
+
+def tiny_model(**kwargs):
+    return timm.create_model('edlnet_resnet18', num_classes=10, in_chans=1, stem_type='imagenet',
+                             layers=(1, 1), widths=(8, 16), stem_width=8, **kwargs)
+
+
+def read_summary(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def betas(state):
+    return {k: float(v) for k, v in state.items() if k.endswith('.beta')}
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_defaults_recipe_and_overrides(tmp_path):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('model: edlnet_resnet18\nepochs: 3\neps: 8/255\nmodel_kwargs: {widths: [8, 16]}\n')
+    cfg = load_config(recipe, ['--epochs', '2', '--model-kwargs.edl_layers', 'none', '--decay-milestones',
+                               '[1, 2]', '--val-eps=4/255', '--augment', '--elastic-from-epoch', 'null'])
+    assert cfg.epochs == 2
+    assert cfg.eps == pytest.approx(8 / 255) and cfg.val_eps == pytest.approx(4 / 255)
+    assert cfg.model_kwargs == {'widths': [8, 16], 'edl_layers': 'none'}
+    assert cfg.decay_milestones == [1, 2] and cfg.augment is True and cfg.elastic_from_epoch is None
+    assert cfg.output == str(Path('runs') / 'r')
+    assert cfg.dataset == 'cifar10'  # the default dataset is the real CIFAR-10
+    assert set(config_keys()) == set(TrainConfig.__dataclass_fields__)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('epoch: 3\n', "unknown config key 'epoch'.*Did you mean 'epochs'"),
+    ('epochs: two\n', 'epochs: expected an integer'),
+    ('objective: awp\n', "objective: 'awp' is not one of"),
+    ('eps: 8/0\n', 'eps: expected a number'),
+    ('model_kwargs: {num_classes: 5}\n', 'num_classes is set from the dataset'),
+    ('- a list\n', 'must be a YAML mapping'),
+])
+def test_config_errors_are_clear(tmp_path, text, message):
+    recipe = tmp_path / 'bad.yaml'
+    recipe.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(recipe)
+
+
+def test_unknown_key_on_the_command_line_is_rejected(tmp_path, capsys):
+    assert main(tiny_args(tmp_path / 'run') + ['--learning-rate', '0.1']) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'learning_rate'" in err and 'Valid keys' in err
+    assert not (tmp_path / 'run').exists()
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def test_param_groups_keep_frozen_beta_without_weight_decay():
+    model = set_beta_mode(tiny_model(), 'vanilla')
+    groups = param_groups(model, 5e-4)
+    ids = {id(p): g['weight_decay'] for g in groups for p in g['params']}
+    assert all(id(p) in ids for p in model.parameters())  # frozen beta included
+    for _, layer in edl_layers(model):
+        assert not layer.beta.requires_grad and ids[id(layer.beta)] == 0.0
+        assert ids[id(layer.weight)] == 5e-4
+
+
+@pytest.mark.parametrize('craft_bn', ['eval', 'train'])
+def test_crafting_leaves_bn_statistics_and_mode_alone(craft_bn):
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    before = {k: v.clone() for k, v in model.state_dict().items() if 'running' in k or 'num_batches' in k}
+    x_adv = craft('pgd', model, x, y, eps=0.1, norm='Linf', steps=2, step_size=0.05, fast_alpha=None,
+                  craft_bn=craft_bn)
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    with crafting_mode(model, craft_bn):
+        assert model.training == (craft_bn == 'train')
+
+
+@pytest.mark.parametrize('objective', ['natural', 'pgd', 'fast', 'trades', 'mart'])
+def test_objectives_give_finite_losses_and_gradients(objective):
+    torch.manual_seed(0)
+    model = tiny_model().train()
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    gen = torch.Generator().manual_seed(0)
+    x_adv = craft(objective, model, x, y, eps=0.1, norm='Linf', steps=2, step_size=0.05, fast_alpha=None,
+                  craft_bn='eval', generator=gen)
+    loss, logits = training_loss(objective, model, x, x_adv, y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.fc.weight.grad is not None
+    assert (logits['adv'] is None) == (objective == 'natural')
+
+
+def test_trades_and_mart_reduce_to_their_clean_terms_without_perturbation():
+    torch.manual_seed(0)
+    model = tiny_model().eval()  # eval: the two forwards see the same BN statistics
+    x, y = torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    ce = torch.nn.functional.cross_entropy(model(x), y)
+    trades, _ = training_loss('trades', model, x, x, y, trades_beta=6.0)
+    assert trades.item() == pytest.approx(ce.item(), abs=1e-5)  # KL(p(x) || p(x)) = 0
+    mart, _ = training_loss('mart', model, x, x, y, mart_beta=6.0)
+    probs = model(x).softmax(1)
+    wrong = probs.masked_fill(torch.nn.functional.one_hot(y, 10).bool(), -1).max(1).values
+    assert mart.item() == pytest.approx((ce - torch.log(1 - wrong).mean()).item(), abs=1e-5)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory):
+    """An uninterrupted two-epoch run with EMA, the two-stage switch at epoch 1 and a state
+    saved after every optimizer step (shared by several tests)."""
+    out = tmp_path_factory.mktemp('reference') / 'run'
+    args = tiny_args(out, elastic_from_epoch=1, model_ema='true', save_every_steps=1, keep_checkpoints=100)
+    assert main(args) == 0
+    return out
+
+
+def test_run_writes_state_summary_and_hub_exports(reference_run):
+    out = reference_run
+    steps = sorted(p.name for p in (out / 'checkpoints').iterdir())
+    assert steps == [f'step_{i:09d}' for i in range(1, 2 * STEPS_PER_EPOCH + 1)]
+    last = out / 'checkpoints' / steps[-1]
+    for name in ('model.safetensors', 'optimizer.bin', 'progress.json', 'random_states_0.pkl'):
+        assert (last / name).is_file(), name
+    assert json.loads((last / 'progress.json').read_text())['global_update'] == 2 * STEPS_PER_EPOCH
+    rows = read_summary(out / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for key in ('train_loss', 'train_clean_top1', 'train_robust_top1', 'train_robust_loss', 'train_beta_mean',
+                'train_beta_stem', 'train_beta_layer1', 'train_stage', 'train_epoch_time', 'eval_clean_top1',
+                'eval_robust_top1', 'eval_ema_robust_top1', 'lr'):
+        assert rows[-1][key] != '', key
+    assert [r['train_stage'] for r in rows] == ['vanilla', 'elastic']
+    assert (out / 'config.yaml').is_file() and (out / 'log.txt').is_file()
+    for export in ('final', 'best'):
+        folder = out / export
+        assert (folder / 'model.safetensors').is_file() and (folder / 'config.json').is_file()
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        assert model.num_classes == 10 and model.in_chans == 1
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    config = json.loads((out / 'final' / 'config.json').read_text())
+    assert config['label_names'][0] == 'T-shirt/top'  # the dataset's classes, not CIFAR's
+    log = (out / 'log.txt').read_text().splitlines()
+    assert [line.split(' [')[0] for line in log if line.startswith('epoch ') and '/2 [' in line] == \
+        ['epoch 1/2', 'epoch 2/2']  # one line per epoch in non-TTY logs
+
+
+def test_export_without_the_hub_module_falls_back_to_timm(tmp_path, monkeypatch):
+    from timm_edl.train.trainer import export_model
+    model = tiny_model().eval()
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, 'timm_edl.hub', None)  # `from ..hub import export` fails
+        how = export_model(model, tmp_path / 'export',
+                           {'dataset': 'fashion-mnist-small', 'n_ex': 8, 'clean_acc': 0.5})
+    assert how == 'timm.models.save_for_hf'
+    assert {p.name for p in (tmp_path / 'export').iterdir()} == {'model.safetensors', 'config.json',
+                                                                  'eval_results.json'}
+    again = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True).eval()
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(again(x), model(x))
+
+
+def test_two_stage_schedule_freezes_then_releases_beta(reference_run):
+    ckpts = reference_run / 'checkpoints'
+    states = [load_file(str(ckpts / f'step_{i:09d}' / 'model.safetensors'))
+              for i in range(1, 2 * STEPS_PER_EPOCH + 1)]
+    assert len(betas(states[0])) == 5
+    for state in states[:STEPS_PER_EPOCH]:  # vanilla DL: beta exactly 1 while the weights train
+        assert all(v == 1.0 for v in betas(state).values())
+    assert not torch.equal(states[0]['conv1.weight'], states[STEPS_PER_EPOCH - 1]['conv1.weight'])
+    moved = [k for k, v in betas(states[-1]).items() if v != 1.0]
+    assert len(moved) == 5  # elastic: every layer's beta was trained
+    first_elastic = betas(states[STEPS_PER_EPOCH])
+    assert any(v != 1.0 for v in first_elastic.values())
+
+
+def _compare_runs(a, b):
+    for export in ('final', 'best'):
+        sa, sb = load_file(str(a / export / 'model.safetensors')), load_file(str(b / export / 'model.safetensors'))
+        assert sa.keys() == sb.keys()
+        bad = [k for k in sa if not torch.equal(sa[k], sb[k])]
+        assert not bad, f'{export}: {bad[:5]}'
+    ra = read_summary(a / 'summary.csv')
+    rb = read_summary(b / 'summary.csv')
+    strip = lambda rows: [{k: v for k, v in r.items() if k != 'train_epoch_time'} for r in rows]  # noqa: E731
+    assert strip(ra) == strip(rb)
+
+
+@pytest.mark.parametrize('kill_after, resumes_from', [(7, 6), (5, 4)])
+def test_killed_and_resumed_run_matches_uninterrupted_run(reference_run, tmp_path, kill_after, resumes_from):
+    """(7, 6): resumed mid-epoch in the elastic stage; (5, 4): resumed from the end-of-epoch
+    state, before its validation."""
+    out = tmp_path / 'run'
+    args = tiny_args(out, elastic_from_epoch=1, model_ema='true', save_every_steps=3)
+    assert main(args + ['--stop-after-steps', str(kill_after)]) == 3  # "killed": nothing saved at the kill
+    latest = max((out / 'checkpoints').iterdir())
+    assert latest.name == f'step_{resumes_from:09d}'
+    assert main(['--resume', '--output', str(out)]) == 0
+    _compare_runs(reference_run, out)
+    final = load_file(str(out / 'checkpoints' / f'step_{2 * STEPS_PER_EPOCH:09d}' / 'model.safetensors'))
+    ref = load_file(str(reference_run / 'checkpoints' / f'step_{2 * STEPS_PER_EPOCH:09d}' / 'model.safetensors'))
+    assert all(torch.equal(final[k], ref[k]) for k in ref)
+
+
+def test_resume_refuses_a_changed_recipe_and_a_missing_state(tmp_path, capsys):
+    out = tmp_path / 'run'
+    assert main(tiny_args(out, epochs=1, train_n_ex=64, stop_after_steps=1, save_every_steps=1)) == 3
+    assert main(tiny_args(out, epochs=1, train_n_ex=64, lr=0.2) + ['--resume']) == 2
+    assert 'lr: 0.05 -> 0.2' in capsys.readouterr().err
+    assert main(tiny_args(tmp_path / 'fresh') + ['--resume']) == 2  # no recipe given, no run folder
+    assert 'fresh/config.yaml not found' in capsys.readouterr().err
+    recipe = tmp_path / 'recipe.yaml'
+    recipe.write_text(yaml.safe_dump({'dataset': 'fashion-mnist-small', 'output': str(tmp_path / 'fresh')}))
+    assert main(['--config', str(recipe), '--resume']) == 2
+    assert 'no complete checkpoint' in capsys.readouterr().err
+
+
+def test_output_folder_is_never_overwritten_silently(tmp_path, capsys):
+    out = tmp_path / 'run'
+    args = tiny_args(out, epochs=1, train_n_ex=64, val_n_ex=0)
+    assert main(args) == 0
+    marker = out / 'final' / 'model.safetensors'
+    stamp = marker.stat().st_mtime_ns
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert 'already exists' in err and '--overwrite' in err and '--resume' in err
+    assert marker.stat().st_mtime_ns == stamp
+    assert main(args + ['--overwrite']) == 0
+    foreign = tmp_path / 'mine'
+    foreign.mkdir()
+    (foreign / 'thesis.tex').write_text('precious')
+    assert main(tiny_args(foreign, epochs=1, train_n_ex=64) + ['--overwrite']) == 2
+    assert 'does not look like a timm-edl run folder' in capsys.readouterr().err
+    assert (foreign / 'thesis.tex').read_text() == 'precious'
+
+
+def test_missing_dataset_gives_a_clear_error(tmp_path, capsys):
+    args = tiny_args(tmp_path / 'run', dataset='cifar10', data_dir=tmp_path / 'nowhere')
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert 'CIFAR-10 (train split) not found' in err and '--download' in err
+    assert 'Traceback' not in err
+
+
+def test_pretrained_tag_without_published_weights_is_a_clear_error(tmp_path, capsys):
+    args = tiny_args(tmp_path / 'run', model='edlnet_resnet18.cifar10', pretrained='true')
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert 'no pretrained weights are published' in err and 'Traceback' not in err
+    assert not (tmp_path / 'run').exists()  # nothing half-made is left behind
+
+
+def test_finetune_from_a_converted_conv_checkpoint(tmp_path):
+    """A conv-twin checkpoint (safetensors) -> convert_to_edl -> fine-tune -> an export that
+    timm rebuilds as an EDLNet."""
+    from safetensors.torch import save_file
+    conv = tiny_model(edl_layers='none')
+    assert not edl_layers(conv)
+    ckpt = tmp_path / 'conv.safetensors'
+    save_file(conv.state_dict(), str(ckpt))
+    out = tmp_path / 'run'
+    args = tiny_args(out, epochs=1, train_n_ex=64, checkpoint=ckpt, convert='default', elastic_from_epoch=0)
+    args += ['--model-kwargs.edl_layers', 'none']  # a dotted override adds to model_kwargs
+    assert main(args) == 0
+    model = timm.create_model(f'local-dir:{out / "final"}', pretrained=True)
+    layers = edl_layers(model)
+    assert len(layers) == 5
+    assert any(float(layer.beta.detach()) != 1.0 for _, layer in layers)  # elastic from epoch 0
+    log = (out / 'log.txt').read_text()
+    assert f'loaded weights from {ckpt}' in log and 'converted 5 convolutions' in log
+
+
+def test_mixed_precision_and_accumulation_run(tmp_path):
+    cfg = tiny_config(tmp_path / 'run', epochs=1, train_n_ex=128, mixed_precision='bf16', grad_accum_steps=2,
+                      clip_grad=1.0, objective='trades')
+    result = train(cfg)
+    assert result.completed and result.global_update == STEPS_PER_EPOCH // 2
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())
+
+
+# --------------------------------------------------------------------------- DDP
+
+_WORKER = textwrap.dedent('''
+    import json, os, sys
+    import torch
+    from timm_edl.train import load_config, train
+    from accelerate import PartialState
+    cfg = load_config(None, sys.argv[2:])
+    result = train(cfg)
+    state = PartialState()
+    torch.save({
+        'num_processes': state.num_processes,
+        'state': {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        'seen': result.seen_indices,
+    }, os.path.join(sys.argv[1], f'rank{state.process_index}.pt'))
+''')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_train_data_parallel(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): the ranks see disjoint shards of every
+    epoch and end with identical weights, including the betas released after wrapping."""
+    worker = tmp_path / 'worker.py'
+    worker.write_text(_WORKER)
+    out = tmp_path / 'run'
+    args = tiny_args(out, batch_size=16, objective='trades', elastic_from_epoch=1, train_n_ex=128)
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
+           '--main_process_port', str(_free_port()), str(worker), str(tmp_path)] + args
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
+    assert all(r['num_processes'] == 2 for r in ranks)
+    s0, s1 = ranks[0]['state'], ranks[1]['state']
+    assert not [k for k in s0 if not torch.equal(s0[k], s1[k])]
+    assert all(v != 1.0 for v in betas(s0).values())  # beta trained, identically on both ranks
+    # 128 training images, global batch 32: each rank sees 64 per epoch, disjoint, together all
+    for epoch in range(2):
+        seen = [set(r['seen'][epoch * 64:(epoch + 1) * 64].tolist()) for r in ranks]
+        assert len(seen[0]) == len(seen[1]) == 64 and not seen[0] & seen[1]
+        if epoch == 0:
+            union = seen[0] | seen[1]
+        assert seen[0] | seen[1] == union
+    assert len(union) == 128
+    rows = read_summary(out / 'summary.csv')
+    assert len(rows) == 2 and 'global batch 32' in (out / 'log.txt').read_text()
