@@ -14,6 +14,7 @@ COMMANDS = {
     "export": ("timm_edl.hub", "write a Hub-ready folder (safetensors, config.json, card)"),
     "push": ("timm_edl.hub", "upload an exported folder to the Hugging Face Hub"),
     "convert": ("timm_edl.convert", "turn the convolutions of a timm CNN into EDL layers"),
+    "demo": ("timm_edl.demo", "train, evaluate and export an EDLNet and its conv twin on real data (minutes, CPU)"),
 }
 
 
