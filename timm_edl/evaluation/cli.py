@@ -1,0 +1,207 @@
+"""``timm-edl eval``: RobustBench-style evaluation with checks against false robustness.
+
+Example::
+
+    timm-edl eval --model edlnet_resnet18.cifar10 --dataset cifar10 --data-dir data \\
+        --threat-model Linf --eps 8/255 --n-ex 10000 --attacks autoattack,pgd \\
+        --batch-size 500 --eps-sweep 0,2/255,4/255,8/255,16/255 --naive --surrogate twin --out results/
+
+Exit status: 0 done; 1 a check failed and ``--strict`` was given; 2 a usage error (bad
+option, unknown model, missing data: the message says what and how to fix it); 130
+interrupted (rerun the same command: AutoAttack resumes from its state file in
+``<out>/.autoattack-state/``).
+"""
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+__all__ = ['main', 'eval_main', 'build_parser']
+
+EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models import NAIVE_MODES
+    p = argparse.ArgumentParser(
+        prog='timm-edl eval',
+        description='RobustBench-style robustness evaluation (clean, adaptive PGD, AutoAttack) of a timm / '
+                    'EDLNet model, with checks that flag gradient masking and other sources of false robustness.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', required=True,
+                   help='name or name.tag (timm registry), hf-hub:ORG/REPO, local-dir:FOLDER (or a folder), '
+                        'or a weights file (.safetensors; needs --arch or a config.json beside it)')
+    g.add_argument('--arch', default=None, help='architecture of a bare weights file')
+    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='timm.create_model arguments, e.g. widths=(8,16) edl_layers=none')
+    g.add_argument('--allow-pickle', action='store_true',
+                   help='accept .pth/.pt/.bin weights (read with torch.load(weights_only=True))')
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', default='cifar10',
+                   help='cifar10, cifar100, cifar10-jpeg, tiny-imagenet, imagefolder, fashion-mnist, '
+                        'fashion-mnist-small')
+    g.add_argument('--data-dir', default=None, help='where the dataset is (default: $TIMM_EDL_DATA_DIR or .data)')
+    g.add_argument('--download', action='store_true',
+                   help='download cifar10 / cifar100 / fashion-mnist through torchvision if absent (needs network)')
+    g.add_argument('--split', default='test', help="held-out split ('val' for tiny-imagenet / image folders)")
+    g.add_argument('--n-ex', type=int, default=None, help='first n test points, in order (default: all)')
+    g.add_argument('--image-size', type=int, default=None, help='resize + centre-crop images (image folders)')
+    g = p.add_argument_group('threat model')
+    g.add_argument('--threat-model', default='Linf', help='Linf, L2 or L1')
+    g.add_argument('--eps', default=None,
+                   help="radius, e.g. 8/255 or 0.031 (default: RobustBench's 8/255, 0.5, 12; Linf: the "
+                        "dataset's default, 0.1 for Fashion-MNIST)")
+    g.add_argument('--eps-sweep', default=None, metavar='EPS,EPS,...',
+                   help='radii for the robustness curve (PGD on the first --check-n points), e.g. 0,2/255,4/255,8/255')
+    g = p.add_argument_group('attacks')
+    g.add_argument('--attacks', default='autoattack,pgd', help='comma list of autoattack, pgd (clean always runs)')
+    g.add_argument('--version', default='standard', choices=('standard', 'plus', 'rand'), help='AutoAttack version')
+    g.add_argument('--aa-attacks', default=None, metavar='A,B',
+                   help="run AutoAttack version 'custom' with these attacks (apgd-ce, apgd-dlr, apgd-t, fab, fab-t, "
+                        "square)")
+    g.add_argument('--pgd-steps', type=int, default=50)
+    g.add_argument('--pgd-restarts', type=int, default=1)
+    g.add_argument('--pgd-step-size', default=None, help='PGD step size (default 2.5 eps / steps)')
+    g.add_argument('--naive', action='store_true',
+                   help='also run the naive evaluation (PGD through a surrogate that truncates the EDL solver)')
+    g.add_argument('--naive-mode', default='truncate', choices=sorted(NAIVE_MODES),
+                   help='; '.join(f"{k}: {v}" for k, v in NAIVE_MODES.items()))
+    g.add_argument('--surrogate', default=None,
+                   help="model spec for a transfer attack, or 'twin' (the conv twin built from the model's "
+                        "dictionaries); default: transfer check skipped")
+    g.add_argument('--surrogate-kwargs', nargs='*', default=[], metavar='KEY=VALUE')
+    g.add_argument('--surrogate-arch', default=None, help='architecture of a bare surrogate weights file')
+    g = p.add_argument_group('checks')
+    g.add_argument('--checks', action=argparse.BooleanOptionalAction, default=True,
+                   help='run the gradient-masking checks (PGD ladder, large-eps sweep point, gradient vs '
+                        'finite differences); ordering and AutoAttack checks always run')
+    g.add_argument('--check-n', type=int, default=100, help='points used by the PGD ladder and the eps sweep')
+    g.add_argument('--grad-points', type=int, default=4, help='points of the gradient check')
+    g.add_argument('--grad-dirs', type=int, default=16, help='random directions per point of the gradient check')
+    g.add_argument('--tolerance', type=float, default=0.01,
+                   help='slack when comparing accuracies (at least one point)')
+    g.add_argument('--strict', action='store_true', help='exit with status 1 when a check fails')
+    g = p.add_argument_group('run')
+    g.add_argument('--batch-size', type=int, default=100)
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--device', default='auto', help="cpu, cuda, cuda:1, or auto")
+    g.add_argument('--out', default='results', help='output folder')
+    g.add_argument('--overwrite', action='store_true', help='replace result files of the same name')
+    g.add_argument('--no-resume', action='store_true', help='ignore a saved AutoAttack state and start over')
+    g.add_argument('--info', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='RobustBench fields: link, name, authors, venue, reported, additional_data, footnote')
+    g.add_argument('--no-progress', action='store_true', help='no progress bars')
+    return p
+
+
+def _error(message: str) -> int:
+    print(f"timm-edl eval: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except KeyboardInterrupt:
+        print("\ntimm-edl eval: interrupted. Rerun the same command to continue: AutoAttack resumes from its "
+              f"state in {Path(args.out) / '.autoattack-state'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _run(args: argparse.Namespace, argv: List[str]) -> int:
+    from ..data import DatasetError, dataset_info, get_dataset, load_tensors
+    from .core import EvalConfig, evaluate
+    from .models import conv_twin, load_model, parse_kwargs
+    from .report import markdown, output_stem, reserve_stem, write_outputs
+    from .threat import EvaluationError, canonical_threat_model, default_eps, parse_eps, parse_eps_list
+
+    try:
+        # everything that can be checked before loading anything heavy
+        threat_model = canonical_threat_model(args.threat_model)
+        if args.eps is not None:
+            parse_eps(args.eps, threat_model)
+        if args.eps_sweep:
+            parse_eps_list(args.eps_sweep, threat_model)
+        if args.n_ex is not None and args.n_ex < 1:
+            raise EvaluationError(f"--n-ex must be >= 1, got {args.n_ex}")
+        model_kwargs = parse_kwargs(args.model_kwargs)
+        surrogate_kwargs = parse_kwargs(args.surrogate_kwargs, '--surrogate-kwargs')
+        info = parse_kwargs(args.info, '--info')
+
+        import torch
+        torch.manual_seed(args.seed)  # a randomly initialised model is the same for the same --seed
+        info_ds = dataset_info(args.dataset, args.data_dir, image_size=args.image_size)
+        try:
+            x, y = load_tensors(args.dataset, args.data_dir, args.split, args.n_ex, image_size=args.image_size,
+                                    download=args.download)
+        except ValueError as e:  # e.g. --n-ex larger than the split
+            raise EvaluationError(str(e)) from None
+        model, source = load_model(args.model, model_kwargs=model_kwargs, arch=args.arch,
+                                   num_classes=info_ds.num_classes, in_chans=x.shape[1],
+                                   allow_pickle=args.allow_pickle)
+        surrogate, surrogate_name = None, None
+        if args.surrogate:
+            if args.surrogate == 'twin':  # the example forward caches every EDL layer's step size
+                surrogate = conv_twin(model, example=x[:1])
+                surrogate_name = "twin (conv twin from the model's dictionaries)"
+            else:
+                surrogate, _ = load_model(args.surrogate, model_kwargs=surrogate_kwargs, arch=args.surrogate_arch,
+                                          num_classes=info_ds.num_classes, in_chans=x.shape[1],
+                                          allow_pickle=args.allow_pickle)
+                surrogate_name = args.surrogate
+        eps_text = args.eps.replace(' ', '') if args.eps else default_eps(threat_model, info_ds.default_eps_linf)[0]
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stem = reserve_stem(out_dir, output_stem({
+            'model': {'spec': args.model}, 'architecture': source['architecture'], 'dataset': info_ds.name,
+            'threat_model': threat_model, 'eps_text': eps_text}), args.overwrite)
+        state_dir = out_dir / '.autoattack-state'
+        log_file = out_dir / f"{stem}.autoattack.log"
+        if args.overwrite and log_file.exists():
+            log_file.unlink()
+        config = EvalConfig(
+            threat_model=threat_model, eps=args.eps, attacks=args.attacks, version=args.version,
+            aa_attacks=[a.strip() for a in args.aa_attacks.split(',') if a.strip()] if args.aa_attacks else None,
+            pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_step_size=args.pgd_step_size,
+            batch_size=args.batch_size, seed=args.seed, device=args.device, eps_sweep=args.eps_sweep,
+            naive=args.naive, naive_mode=args.naive_mode, checks=args.checks, check_n=args.check_n,
+            grad_points=args.grad_points, grad_dirs=args.grad_dirs, tolerance=args.tolerance,
+            progress=not args.no_progress, state_dir=state_dir, log_file=log_file)
+        if args.no_resume and state_dir.is_dir():
+            for f in state_dir.glob('autoattack-*.json'):
+                f.unlink()
+        try:  # size of the whole split, for the "first n of N points" footnote
+            n_total = len(get_dataset(args.dataset, args.data_dir, args.split, image_size=args.image_size))
+        except (DatasetError, ValueError, OSError):
+            n_total = None
+        report = evaluate(model, x, y, config, dataset=info_ds, split=args.split, model_source=source, n_total=n_total,
+                          surrogate=surrogate, surrogate_name=surrogate_name, info=info)
+    except (EvaluationError, DatasetError) as e:
+        return _error(str(e))
+    report['command'] = 'timm-edl eval ' + ' '.join(shlex.quote(a) for a in argv)
+    report['data']['data_dir'] = None if args.data_dir is None else str(Path(args.data_dir).absolute())
+    files = write_outputs(report, out_dir, overwrite=args.overwrite, stem=stem)
+    if log_file.exists():
+        files['autoattack_log'] = str(log_file)
+        report['files'] = files
+        write_outputs(report, out_dir, overwrite=True, stem=stem)
+    sys.stdout.write(markdown(report, files))
+    sys.stdout.flush()
+    if report['failed_checks'] and args.strict:
+        print(f"timm-edl eval: FAILED CHECK ({', '.join(report['failed_checks'])}) and --strict given",
+              file=sys.stderr)
+        return EXIT_FAILED_CHECK
+    return EXIT_OK
+
+
+def eval_main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of ``timm-edl eval`` (``timm_edl.cli`` calls it)."""
+    return main(argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
