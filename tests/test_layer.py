@@ -460,3 +460,27 @@ def test_memory_efficient_backward_gives_identical_gradients():
     grads_s = torch.autograd.grad(out_s.square().sum(), [x, saving.weight, saving.beta])
     for a, b in zip(grads_p, grads_s):
         assert torch.equal(a, b)
+
+
+def test_copies_keep_the_step_size():
+    """deepcopy (EMA, naive surrogates) and pickling reproduce the layer exactly."""
+    import copy
+    import io
+    torch.manual_seed(0)
+    layer = EDLConv2d(3, 4, 3, beta=0.5).eval()
+    x = torch.rand(2, 3, 9, 9)
+    out = layer(x)
+    assert torch.equal(copy.deepcopy(layer)(x), out)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(x), out)
+    moved = copy.deepcopy(layer).to(torch.float32)
+    assert torch.equal(moved(x), out)
+    # and an in-place edit of the copy's dictionary still refreshes the copy's L only
+    copied = copy.deepcopy(layer)
+    with torch.no_grad():
+        copied.weight[0].mul_(-1.0).add_(1.0)
+    copied(x)
+    assert not torch.equal(copied.lipschitz, layer.lipschitz)
+    assert torch.equal(layer(x), out)

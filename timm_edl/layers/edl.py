@@ -522,6 +522,21 @@ class EDLConv2d(nn.Module):
                 f"step_rule={self.step_rule}, eps={self.eps}, nonneg={self.nonneg}, "
                 f"normalize_atoms={self.normalize}, bias={self.bias is not None}")
 
+    def _resync_step_cache(self) -> None:
+        # a copy or a device/dtype move holds the same dictionary as the original: keep
+        # its L (re-estimating it would make the copy a slightly different function)
+        if self._cache_key[0] > 0 and self.weight is not None:
+            self._cache_key = self._cache_key[:2] + self._weight_identity()
+
+    def __setstate__(self, state):  # deepcopy / pickle
+        super().__setstate__(state)
+        self._resync_step_cache()
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .double(), ...
+        out = super()._apply(fn, *args, **kwargs)
+        self._resync_step_cache()
+        return out
+
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.reset_step_cache()
