@@ -116,7 +116,7 @@ WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
 _MANAGED = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / 'hub_cards' / 'model_card.md.tmpl'
+CARD_TEMPLATE = Path(__file__).resolve().parent / '_cards' / 'model_card.md.tmpl'  # hub_cards/ links to it
 EXPORT_FORMAT = 1
 
 # Weight files that need unpickling (timm's local-dir loader looks for these too).
