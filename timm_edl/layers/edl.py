@@ -56,10 +56,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-try:
-    from timm.layers import register_notrace_module
-except ImportError:  # timm < 1.0.17 keeps it with the FX feature extractor
-    from timm.models._features_fx import register_notrace_module
+from timm.layers import register_notrace_module
 
 __all__ = [
     'EDLConv2d', 'edl_conv2d', 'rista', 'elastic_objective', 'analysis', 'synthesis',
