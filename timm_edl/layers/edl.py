@@ -48,6 +48,15 @@ Design choices (keyword arguments; defaults in brackets):
   * ``eps`` [1e-3] floor of ``|r|``; ``nonneg`` [False]; ``normalize_atoms`` [True]:
     every atom ``A[c]`` is scaled to unit l2 norm on every forward (SDNet);
     ``lam`` [0.1] fixed, or learnable (kept >= 0 by the same straight-through clamp).
+  * ``fused`` [True]: for the 'fixed' rule the steps run in place with a hand-written
+    backward (:class:`_RistaStep`); :func:`rista` (autograd through every op) is the
+    reference it is tested against.  ``memory_efficient`` [False] recomputes the layer
+    in the backward instead of storing its intermediates.
+
+Caveat (seen in training): a layer whose beta reaches 0 sees, in its first step from
+z_0 = 0, only ``clip(x, -eps, eps) / (2 eps)``, i.e. ``sign(x)`` where ``|x| > eps``: it
+is piecewise constant, its input gradient vanishes, and gradient attacks overstate its
+robustness.  ``timm-edl eval``'s gradient checks flag such models.
 """
 from typing import Dict, List, Optional, Tuple, Union
 
