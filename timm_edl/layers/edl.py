@@ -282,28 +282,37 @@ class _RistaStep(torch.autograd.Function):
         r, z, weight, beta, step, z_next = ctx.saved_tensors
         stride, padding, eps = ctx.conf
         need_x, need_z, need_w, need_beta, need_lam = ctx.needs_input_grad[:5]
-        in_size = [r.shape[-2], r.shape[-1]]
+        dilation, no_padding = [1, 1], [0, 0]
         support_sign = torch.sign(z_next)
         du = grad * support_sign.abs()
-        dq = synthesis(du, weight, stride, padding, in_size).mul_(step)
-        dx = dz = dw = dbeta = dlam = None
-        inside = r.abs() < eps
+        t = r.clamp(-eps, eps).mul_(0.5 / eps)
+        q = torch.lerp(t, r, beta) if need_w else None
+        # backward of u = conv2d(q, s A): dq and (if wanted) dA in one call
+        dq, dw, _ = torch.ops.aten.convolution_backward(
+            du, q if q is not None else r, weight * step, None, stride, padding, dilation, False, no_padding, 1,
+            [True, need_w, False])
+        del q
+        if dw is not None:
+            dw = dw.mul_(step)
+        dx = dz = dbeta = dlam = None
+        if need_beta:
+            dbeta = (dq * (r - t)).sum().reshape(beta.shape)
+        del t
         if need_x or need_z or need_w:
-            slope = inside.to(r.dtype).mul_(0.5 / eps).lerp_(torch.ones_like(r), beta)
-            dr = dq * slope
+            slope = (r.abs() < eps).to(r.dtype).mul_(0.5 / eps).lerp_(torch.ones_like(r), beta)
+            dr = dq.mul_(slope)
             del slope
             dx = dr if need_x else None
-            if z is not None and need_z:
-                dz = du - analysis(dr, weight, stride, padding)
-        if need_beta or need_w:
-            t = r.clamp(-eps, eps).mul_(0.5 / eps)
-            if need_beta:
-                dbeta = (dq * (r - t)).sum().reshape(beta.shape)
-            if need_w:
-                q = t.lerp_(r, beta)
-                dw = torch.nn.grad.conv2d_weight(q, weight.shape, du, stride, padding).mul_(step)
-                if z is not None:
-                    dw.sub_(torch.nn.grad.conv2d_weight(dr, weight.shape, z, stride, padding))
+            if z is not None and (need_z or need_w):
+                # backward of r = x - conv_transpose2d(z, A): dz and dA in one call
+                op = output_padding([r.shape[-2], r.shape[-1]], [z.shape[-2], z.shape[-1]],
+                                    [weight.shape[-2], weight.shape[-1]], stride, padding)
+                gz, gw, _ = torch.ops.aten.convolution_backward(
+                    dr, z, weight, None, stride, padding, dilation, True, op, 1, [need_z, need_w, False])
+                if need_z:
+                    dz = du.sub_(gz)
+                if need_w:
+                    dw = dw.sub_(gw)
         if need_lam:
             dlam = -(grad * support_sign).sum().mul(step).reshape(())
         return dx, dz, dw, dbeta, dlam, None, None, None, None, None
