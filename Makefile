@@ -36,9 +36,10 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run_all.py --out docs/performance.md
 
 # The main job: train + evaluate + export an EDLNet and its conv twin on the embedded
-# Fashion-MNIST subset (a few minutes on 2 CPU cores). DEMO_ARGS passes options through.
+# Fashion-MNIST subset (a few minutes on 2 CPU cores), into a new runs/demo-<date>-<time>/.
+# DEMO_ARGS passes options through.
 demo: $(BIN)/.installed
-	OMP_NUM_THREADS=1 $(BIN)/timm-edl demo --overwrite $(DEMO_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/timm-edl demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

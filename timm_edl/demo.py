@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--eps', default=None, help="attack radius (default: the recipe's eps)")
     p.add_argument('--attacks', default='autoattack,pgd')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--out', default='runs/demo', help='everything is written below this folder')
+    p.add_argument('--out', default=None,
+                   help='everything is written below this folder (default: a new runs/demo-<date>-<time>)')
     p.add_argument('--overwrite', action='store_true', help='replace an earlier demo in --out')
     return p
 
@@ -101,6 +102,8 @@ def _fmt(value: Optional[float]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.out is None:
+        args.out = time.strftime('runs/demo-%Y%m%d-%H%M%S')
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise SystemExit(f'[demo] {out} already holds a demo run; pass --overwrite to replace it or --out elsewhere')
