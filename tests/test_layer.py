@@ -1,6 +1,5 @@
 """The EDL layer against independent references: the adjoint identity, a convex solver
 (cvxpy), plain ISTA, finite differences, and nn.Conv2d's shape arithmetic."""
-import math
 
 import cvxpy as cp
 import numpy as np

@@ -122,9 +122,13 @@ def _scalar_like(v: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor
     return torch.tensor(float(v), device=x.device, dtype=x.dtype)
 
 
+def _step_dtype(x: torch.Tensor) -> torch.dtype:
+    """Step sizes and L stay in float32 (float64 for float64 x), even for bf16/fp16 x."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _step_dtype_scalar(v: Union[float, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Step-size quantities stay in float32 (float64 for float64 x) even for bf16/fp16 x."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = _step_dtype(x)
     if isinstance(v, torch.Tensor):
         return v.to(device=x.device, dtype=dtype)
     return torch.tensor(float(v), device=x.device, dtype=dtype)
@@ -149,7 +153,7 @@ def operator_norm_sq(
     changes by less than ``tol`` (relative) in one iteration (at most ``num_iters``).
     """
     with torch.no_grad():
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        dtype = _step_dtype(weight)
         w = weight.detach().to(dtype)
         numel = w.shape[1] * in_size[0] * in_size[1]
         if init is None or init.numel() != numel:
@@ -212,8 +216,7 @@ def rista(
     in_size = [x.shape[-2], x.shape[-1]]
     beta = beta.to(x.dtype)
     lam = lam.to(x.dtype)
-    # step sizes in float32 at least (float64 for float64 inputs), cast to x's dtype per step
-    lipschitz = lipschitz.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    lipschitz = lipschitz.to(_step_dtype(x))  # step sizes cast to x's dtype per step
     z = z_init
     for _ in range(num_steps):
         if z is None:
@@ -332,7 +335,7 @@ def rista_fused(
         nonneg: bool,
 ) -> torch.Tensor:
     """:func:`rista` for the 'fixed' step rule from z_0 = 0, through :class:`_RistaStep`."""
-    step = (1.0 / lipschitz.to(torch.float64 if x.dtype == torch.float64 else torch.float32)).to(x.dtype)
+    step = (1.0 / lipschitz.to(_step_dtype(x))).to(x.dtype)
     beta = beta.to(x.dtype)
     lam = lam.to(x.dtype)
     z: Optional[torch.Tensor] = None

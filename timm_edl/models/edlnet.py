@@ -12,7 +12,6 @@ Inputs are images in [0, 1]; the model normalises them itself (``input_mean`` /
 ``input_std`` buffers), so every pretrained cfg says mean=(0,0,0), std=(1,1,1) and
 timm's data pipeline feeds it raw pixels.  That is what attacks and RobustBench expect.
 """
-import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
