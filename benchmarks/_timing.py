@@ -10,6 +10,7 @@ synchronised before and after it, under ``torch.set_num_threads(threads)``.
 the cost of one-call interleaved samples of multi-second training steps.)
 """
 import ast
+import contextlib
 import datetime
 import json
 import os
@@ -310,7 +311,7 @@ def parse_edl_cfg(items: Sequence[str]) -> Dict[str, Any]:
 def layer_settings(layer: torch.nn.Module) -> Dict[str, Any]:
     """The effective solver settings of an EDLConv2d (whatever attributes this version has)."""
     names = ('num_steps', 'step_rule', 'eps', 'nonneg', 'normalize', 'fused', 'memory_efficient',
-             'power_iters', 'power_iters_warm', 'fixed_lipschitz')
+             'compile_solver', 'power_iters', 'power_iters_warm', 'fixed_lipschitz')
     out = {n: getattr(layer, n) for n in names if hasattr(layer, n)}
     for n in ('beta', 'lam'):
         v = getattr(layer, n, None)
@@ -318,6 +319,23 @@ def layer_settings(layer: torch.nn.Module) -> Dict[str, Any]:
             out[n] = round(float(v.detach()), 6)
             out[n + '_learnable'] = isinstance(v, torch.nn.Parameter)
     return out
+
+
+@contextlib.contextmanager
+def eager_solvers(modules: Sequence[torch.nn.Module]):
+    """Run EDL layers built with ``compile_solver=True`` eagerly inside the block.
+
+    FLOPs are counted on the eager path: the compiled solver computes the same convolutions
+    (the same math), but a FLOP counter cannot see inside compiled kernels.
+    """
+    saved = [(m, m.compile_solver) for m in modules if hasattr(m, 'compile_solver')]
+    for m, _ in saved:
+        m.compile_solver = False
+    try:
+        yield
+    finally:
+        for m, value in saved:
+            m.compile_solver = value
 
 
 def add_common_args(parser, repeats: int) -> None:

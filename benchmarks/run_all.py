@@ -29,6 +29,8 @@ def runs(threads: int, quick: bool):
          ['bench_model.py', '--no-fwd-bwd'] + (timing[:2] if timing else []) + common),
         ('Training memory: activations saved for backward',
          ['bench_memory.py'] + common),
+        ('edlnet_resnet18 vs its conv twin: adversarial training (PGD-10 AT step) and AutoAttack (APGD-CE) throughput',
+         ['bench_attack.py'] + common),
     ]
 
 

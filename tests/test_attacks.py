@@ -414,3 +414,27 @@ def test_input_gradient_through_edl_layers_matches_finite_differences():
         finite_difference = (loss_plus - loss_minus) / (2 * h)
         agrees |= torch.isclose(autograd_derivative, finite_difference, rtol=1e-5, atol=1e-9)
     assert agrees.all(), (autograd_derivative, finite_difference)
+
+
+def test_attacks_freeze_parameters_while_crafting_and_restore_them():
+    """The input gradient needs no parameter gradient: a hand-written backward (the fused
+    EDL step) decides from requires_grad alone, so attacks freeze the parameters while
+    they differentiate, and restore every flag afterwards (frozen ones stay frozen)."""
+    from timm_edl.attacks import input_gradient, pgd_attack
+    from timm_edl.layers import EDLConv2d
+    torch.manual_seed(0)
+    model = nn.Sequential(EDLConv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    model[2].bias.requires_grad_(False)
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(m.weight.requires_grad))
+    before = [p.requires_grad for p in model.parameters()]
+    x, y = torch.rand(2, 3, 6, 6), torch.tensor([0, 2])
+    g = input_gradient(model, x, y)
+    pgd_attack(model, x, y, eps=0.1, steps=2)
+    assert seen and not any(seen)
+    assert [p.requires_grad for p in model.parameters()] == before
+    assert all(p.grad is None for p in model.parameters())
+    # the same gradient as plain autograd with the parameters trainable
+    xr = x.clone().requires_grad_(True)
+    ref, = torch.autograd.grad(F.cross_entropy(model(xr), y, reduction='sum'), xr)
+    assert torch.allclose(g, ref, atol=1e-6)

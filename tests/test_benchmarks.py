@@ -2,7 +2,9 @@
 
 No timing is asserted: the point is that the scripts keep working as the package changes.
 """
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +19,8 @@ LAYER_COLUMNS = ['K', 'pass', 'conv ms', 'EDL ms', 'spread conv / EDL', 'measure
                  'ratio of minima', 'FLOP ratio (counted)', '2K-1', 'measured / FLOP ratio']
 MODEL_COLUMNS = ['K', 'pass', 'conv twin ms', 'EDL ms', 'spread twin / EDL', 'measured ratio',
                  'ratio of minima', 'FLOP ratio (counted)', 'FLOP ratio (analytic fwd)', 'measured / FLOP ratio']
+ATTACK_COLUMNS = ['K', 'pass', 'conv twin ms', 'EDL ms', 'spread twin / EDL', 'conv twin img/s', 'EDL img/s',
+                  'measured ratio', 'ratio of minima', 'FLOP ratio (counted)', 'measured / FLOP ratio']
 
 
 def _run(script: str, tmp_path: Path, *extra: str):
@@ -25,18 +29,18 @@ def _run(script: str, tmp_path: Path, *extra: str):
     proc = subprocess.run(
         [sys.executable, str(BENCH_DIR / f'{script}.py'), '--quick', '--threads', '1',
          '--json', str(out_json), *extra],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f'{script} failed:\n{proc.stdout}\n{proc.stderr}'
     return proc.stdout, json.loads(out_json.read_text())
 
 
-def _table(stdout: str, first_column: str, second_column: str):
-    """The rows (lists of cells) of the Markdown table whose header starts with the given columns."""
+def _table(stdout: str, first_column: str, second_column: str, nth: int = 0):
+    """The rows (lists of cells) of the ``nth`` Markdown table whose header starts with the given columns."""
     lines = stdout.splitlines()
     prefix = f'| {first_column} | {second_column} |'
     starts = [i for i, line in enumerate(lines) if line.startswith(prefix)]
-    assert starts, f'no table starting with {prefix!r} in:\n{stdout}'
-    i = starts[0]
+    assert len(starts) > nth, f'no table (number {nth}) starting with {prefix!r} in:\n{stdout}'
+    i = starts[nth]
     header = [c.strip() for c in lines[i].strip('|').split('|')]
     assert lines[i + 1].startswith('|---')
     rows = []
@@ -80,7 +84,7 @@ def test_bench_model_quick(tmp_path):
     flop_header, flop_rows = _table(stdout, 'K', 'model')
     assert flop_header[2:4] == ['fwd GFLOP (counted)', 'fwd GFLOP (analytic 2K-1 bound)']
     assert [r[1] for r in flop_rows] == ['conv twin', 'EDL', 'ratio EDL / twin']
-    layer_header, layer_rows = _table(stdout, 'layer', 'conv')
+    _, layer_rows = _table(stdout, 'layer', 'conv')
     assert len(layer_rows) == 17  # every 3x3 conv of ResNet-18, stem included
     (result,) = data['results']
     assert result['K'] == 1
@@ -100,13 +104,13 @@ def test_bench_layer_quick_edl_cfg(tmp_path):
     stdout, data = _run('bench_layer', tmp_path, '--steps', '2', '--edl-cfg', 'lam=0.25')
     assert "EDLNet defaults + {'lam': 0.25}" in stdout
     assert data['edl_cfg']['lam'] == 0.25 and data['edl_settings']['lam'] == 0.25
-    (fwd, fwd_bwd) = data['results']
+    (fwd, _fwd_bwd) = data['results']
     assert fwd['K'] == 2 and fwd['flop_ratio_counted'] == pytest.approx(3.0)
 
 
 def test_bench_model_quick_k2_skips(tmp_path):
     stdout, data = _run('bench_model', tmp_path, '--steps', '2', '--no-fwd-bwd', '--no-layer-table')
-    header, rows = _table(stdout, 'K', 'pass')
+    _, rows = _table(stdout, 'K', 'pass')
     assert [r[1] for r in rows] == ['inference', 'train step (L refresh incl.)']
     assert '| layer | conv |' not in stdout
     (result,) = data['results']
@@ -122,3 +126,46 @@ def test_bench_memory_quick(tmp_path):
     assert [r[1] for r in rows] == ['reference', 'fused', 'memory_efficient']
     by_impl = {r['implementation']: r for r in data['results']}
     assert by_impl['memory_efficient']['edl_bytes'] < by_impl['fused']['edl_bytes'] < by_impl['reference']['edl_bytes']
+
+
+def test_bench_attack_quick(tmp_path):
+    """PGD-10 AT step and APGD-CE throughput rows; every ratio and rate is finite and positive."""
+    stdout, data = _run('bench_attack', tmp_path)
+    assert '**Machine**' in stdout and 'threads: 1' in stdout
+    header, rows = _table(stdout, 'K', 'pass')
+    assert header == ATTACK_COLUMNS
+    assert [(r[0], r[1]) for r in rows] == [('1', 'PGD-10 AT step (L refresh incl.)'),
+                                            ('1', 'AutoAttack (APGD-CE, n_iter=2)')]
+    for r in rows:
+        for cell in r[2:4] + r[5:]:  # times, img/s, measured ratio, ratio of minima, FLOP ratio, quotient
+            value = float(cell)
+            assert math.isfinite(value) and value > 0, (header, r)
+    _, detail = _table(stdout, 'K', 'pass', 1)
+    assert [r[2] for r in detail] == ['2', '2']  # images per call (--quick: batch 2, aa-batch 2)
+    (result,) = data['results']
+    at, aa = result['passes']['at_step'], result['passes']['apgd_ce']
+    # each SGD step changes every dictionary: one L refresh per EDL layer per AT step
+    assert at['power_iterations_per_call'] == 17
+    assert aa['power_iterations_per_call'] == 0  # APGD does not change the weights
+    # labelled with their own clean predictions, both models attack every point
+    assert aa['points_attacked_twin'] == aa['points_attacked_edl'] == 2
+    for r in (at, aa):
+        assert r['flops_edl'] >= r['flops_twin'] > 0  # K=1, parameters frozen in APGD: equal
+        assert r['images_per_s_twin'] > 0 and r['images_per_s_edl'] > 0
+    assert data['machine']['commit']
+
+
+def test_bench_attack_apgd_flops_extrapolation_is_exact():
+    """The APGD-CE FLOPs extrapolated from n_iter = 1 and 2 equal a direct count."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location('bench_attack', BENCH_DIR / 'bench_attack.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for kwargs in ({'edl_layers': 'none'}, {'edl_cfg': {'num_steps': 1}}):
+        model = bench._make('cpu', torch.float32, **kwargs).eval()
+        with torch.no_grad():
+            model(x)  # L cached
+        direct = bench.count_flops(bench._apgd_fn(model, x, 4, 'cpu', torch.float32)[0])
+        assert direct == bench.apgd_flops(model, x, 4, 'cpu', torch.float32) > 0

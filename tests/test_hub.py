@@ -132,7 +132,8 @@ def test_export_writes_the_folder_timm_reads(exported):
     args = config['model_args']
     assert args['widths'] == [8, 16, 32, 64] and args['stem_width'] == 8 and args['in_chans'] == 3
     assert args['edl_layers'] == 'default'
-    assert set(args['edl_cfg']) == _EDL_KEYS  # every EDL hyperparameter, defaults included
+    # every EDL hyperparameter, defaults included; not how this machine runs the solver
+    assert set(args['edl_cfg']) == _EDL_KEYS - {'compile_solver'}
     assert args['input_mean'] == [0.4914, 0.4822, 0.4465] and args['input_std'] == [0.2471, 0.2435, 0.2616]
     cfg = config['pretrained_cfg']
     assert cfg['tag'] == 'test' and cfg['mean'] == [0.0] * 3 and cfg['std'] == [1.0] * 3

@@ -9,7 +9,7 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from timm_edl.layers import (
-    EDLConv2d, analysis, edl_conv2d, edl_layer_stats, elastic_objective, operator_norm_sq,
+    EDLConv2d, analysis, edl_conv2d, edl_layer_stats, edl_layers, elastic_objective, operator_norm_sq,
     set_beta_mode, synthesis,
 )
 
@@ -483,3 +483,45 @@ def test_copies_keep_the_step_size():
     copied(x)
     assert not torch.equal(copied.lipschitz, layer.lipschitz)
     assert torch.equal(layer(x), out)
+
+
+@pytest.mark.parametrize('step_rule', ['fixed', 'safe'])
+def test_compiled_solver_matches_reference_values_and_gradients(step_rule):
+    """compile_solver=True (torch.compile of the solver) against eager autograd, float64,
+    over two batch sizes (the second goes through the compiler's dynamic-shape path) and
+    with a strided layer; ``memory_efficient`` on top gives the same gradients again."""
+    torch.manual_seed(0)
+    kwargs = dict(beta=0.4, lam=0.05, lam_learnable=True, eps=1e-2, num_steps=3, step_rule=step_rule)
+    for stride, batches in ((1, (2, 3)), (2, (2,))):
+        reference = EDLConv2d(3, 4, 3, stride=stride, fused=False, **kwargs).double()
+        compiled = EDLConv2d(3, 4, 3, stride=stride, compile_solver=True, **kwargs).double()
+        saving = EDLConv2d(3, 4, 3, stride=stride, compile_solver=True, memory_efficient=True, **kwargs).double()
+        compiled.load_state_dict(reference.state_dict())
+        saving.load_state_dict(reference.state_dict())
+        for batch in batches:
+            x = torch.randn(batch, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+            outs = [m(x) for m in (reference, compiled, saving)]
+            assert torch.allclose(outs[1], outs[0], atol=1e-12, rtol=0)
+            g = torch.randn_like(outs[0])
+            grads = [torch.autograd.grad(o, [x, m.weight, m.beta, m.lam], g)
+                     for o, m in zip(outs, (reference, compiled, saving))]
+            for other in grads[1:]:
+                for name, a, b in zip(['x', 'weight', 'beta', 'lam'], other, grads[0]):
+                    assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), (stride, batch, name)
+
+
+def test_compile_solver_is_settable_and_not_exported(tmp_path):
+    import timm
+    from timm_edl import hub
+    from timm_edl.convert import set_edl_options
+    model = timm.create_model('edlnet_resnet18', layers=[1, 1, 1, 1], edl_cfg=dict(compile_solver=True))
+    assert all(m.compile_solver for _, m in edl_layers(model))
+    set_edl_options(model, compile_solver=False)
+    assert not any(m.compile_solver for _, m in edl_layers(model))
+    set_edl_options(model, compile_solver=True)
+    hub.export(model, tmp_path / 'export')
+    import json
+    edl_cfg = json.loads((tmp_path / 'export' / 'config.json').read_text())['model_args']['edl_cfg']
+    assert 'compile_solver' not in edl_cfg
+    loaded = hub.load(f'local-dir:{tmp_path / "export"}')
+    assert not any(m.compile_solver for _, m in edl_layers(loaded))

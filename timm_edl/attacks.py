@@ -21,8 +21,9 @@ Example::
     >>> attack = partial(pgd_attack, eps=8 / 255, steps=20, restarts=2, keep_best=True)
     >>> robust_acc = accuracy_under_attack(model, images, labels, attack, batch_size=256)
 """
+import contextlib
 import math
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -35,8 +36,11 @@ __all__ = [
     'STEP_SCHEDULES',
     'per_sample_cross_entropy',
     'input_gradient',
+    'frozen_parameters',
     'pgd_attack',
     'fgsm_rs',
+    'random_noise_attack',
+    'NOISE_DISTRIBUTIONS',
     'accuracy_under_attack',
 ]
 
@@ -48,6 +52,7 @@ AttackFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 NORMS = ('Linf', 'L2')
 STEP_SCHEDULES = ('constant', 'cosine')
+NOISE_DISTRIBUTIONS = ('corners', 'uniform')
 
 def per_sample_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Default attack loss: cross-entropy per sample, ``(N, C), (N,) -> (N,)``."""
@@ -224,6 +229,71 @@ def fgsm_rs(
 
 
 @torch.no_grad()
+def random_noise_attack(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        eps: float,
+        norm: str = 'Linf',
+        draws: int = 10,
+        distribution: str = 'corners',
+        loss_fn: Optional[LossFn] = None,
+        generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Random noise in the threat model: the baseline every robustness claim must beat.
+
+    Draws ``draws`` random perturbations per point and returns, per point, the worst one
+    (a misclassified draw if there is one, else the highest loss), so that a point counts
+    as robust only if it is classified correctly under *every* draw. No gradient is used:
+    this is what a model's accuracy under noise looks like, not an attack on it. A model
+    whose accuracy under a gradient attack is *above* its accuracy under random noise has
+    gradients that mislead the attack (gradient masking).
+
+    Distributions (``distribution``):
+
+    * ``'corners'``: Linf ``δ = eps · s`` with independent random signs ``s ∈ {-1, 1}^d``
+      (random corners of the ball, the largest random Linf perturbations); L2: a uniformly
+      random direction at radius exactly ``eps``.
+    * ``'uniform'``: the random start of :func:`pgd_attack` (Linf ``δ ~ U[-eps, eps]^d``;
+      L2 a random direction at a radius ``~ U[0, eps]``).
+
+    Every draw is projected onto the ball and clipped to ``[0, 1]``.
+
+    Args:
+        model, x, y, loss_fn: as for :func:`pgd_attack`.
+        eps: radius (``>= 0``, pixel units); norm: 'Linf' or 'L2'.
+        draws: number of random perturbations per point (``>= 1``).
+        distribution: 'corners' or 'uniform'.
+        generator: random generator, for reproducible draws.
+
+    Returns:
+        Detached perturbed images, same shape as ``x``.
+    """
+    _check_images_and_labels(x, y)
+    _check_threat_model(eps, norm)
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if distribution not in NOISE_DISTRIBUTIONS:
+        raise ValueError(f"unknown noise distribution {distribution!r}; choose one of {NOISE_DISTRIBUTIONS}")
+    loss_fn = per_sample_cross_entropy if loss_fn is None else loss_fn
+    x, y = x.detach(), y.detach()
+    worst_case = _WorstCase(model, y, loss_fn)
+    device = x.device if generator is None else generator.device
+    for _ in range(draws):
+        if distribution == 'uniform':
+            delta = _random_perturbation(x, eps, norm, generator)
+        elif norm == 'Linf':
+            signs = torch.randint(0, 2, x.shape, generator=generator, device=device).to(x.dtype)
+            delta = ((2 * signs - 1) * eps).to(x.device)
+        else:
+            direction = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+            delta = (eps * _unit_l2(direction)).to(x.device)
+        worst_case.update(_project(x + delta, x, eps, norm))
+    return worst_case.x
+
+
+@torch.no_grad()
 def accuracy_under_attack(
         model: nn.Module,
         x: torch.Tensor,
@@ -289,6 +359,26 @@ class _WorstCase:
         self.loss = torch.where(better, loss, self.loss)
 
 
+@contextlib.contextmanager
+def frozen_parameters(*models: Optional[nn.Module]) -> Iterator[None]:
+    """Turn off ``requires_grad`` of every parameter of ``models`` inside the block, then
+    restore the flags exactly.
+
+    An input gradient does not need parameter gradients, but a backward that is written
+    by hand (the fused EDL step) decides what to compute from ``requires_grad`` alone and
+    would compute the dictionary's gradient too (about 1.5x the work of an input-only
+    backward).  Attacks and evaluations run under this context.
+    """
+    frozen = [p for m in models if m is not None for p in m.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def _loss_and_gradient(
         model: nn.Module,
         x: torch.Tensor,
@@ -296,9 +386,10 @@ def _loss_and_gradient(
         loss_fn: LossFn,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(logits, d sum(loss) / d x)``; the gradient w.r.t. the input only, so
-    nothing accumulates in the parameters' ``.grad``."""
+    nothing accumulates in the parameters' ``.grad`` (they are frozen meanwhile, so no
+    backward computes their gradients)."""
     # enable_grad: attacks are often called from evaluation loops under no_grad.
-    with torch.enable_grad():
+    with torch.enable_grad(), frozen_parameters(model):
         x = x.detach().requires_grad_(True)
         logits = model(x)
         loss = _checked_loss(loss_fn, logits, y)

@@ -55,7 +55,8 @@ EDL_DEFAULTS: Dict[str, Any] = dict(
     num_steps=2, beta=1.0, beta_learnable=True, lam=0.1, lam_learnable=False,
     step_rule='fixed', eps=1e-3, nonneg=False, normalize_atoms=True,
 )
-_EDL_KEYS = set(EDL_DEFAULTS) | {'bias', 'power_iters', 'power_iters_warm', 'fixed_lipschitz', 'fused', 'memory_efficient'}
+_EDL_KEYS = set(EDL_DEFAULTS) | {'bias', 'power_iters', 'power_iters_warm', 'fixed_lipschitz', 'fused', 'memory_efficient',
+                                  'compile_solver'}
 
 # The setting at which an EDL layer computes exactly conv2d(x, weight) (see module docstring).
 PRESERVE_FUNCTION: Dict[str, Any] = dict(
@@ -267,7 +268,7 @@ def apply_conversion(model: nn.Module, block: Dict[str, Any]) -> nn.Module:
 
 
 _SETTABLE = ('num_steps', 'lam', 'fixed_lipschitz', 'normalize_atoms', 'eps', 'nonneg', 'step_rule',
-             'power_iters', 'power_iters_warm', 'fused', 'memory_efficient')
+             'power_iters', 'power_iters_warm', 'fused', 'memory_efficient', 'compile_solver')
 
 
 def set_edl_options(model: nn.Module, **options: Any) -> nn.Module:
@@ -276,7 +277,9 @@ def set_edl_options(model: nn.Module, **options: Any) -> nn.Module:
     Keys: ``num_steps``, ``lam``, ``fixed_lipschitz`` (``None``: power iteration),
     ``normalize_atoms``, ``eps``, ``nonneg``, ``step_rule`` (switching to 'learnable' adds a
     ``step_scale`` parameter initialised to 1: rebuild the optimizer), ``power_iters``,
-    ``power_iters_warm``, and the execution options ``fused`` / ``memory_efficient``.
+    ``power_iters_warm``, and the execution options ``fused`` / ``memory_efficient`` /
+    ``compile_solver`` (``torch.compile`` the solver; not recorded by exports, so a
+    loaded model never needs a compiler).
     ``beta`` is switched with :func:`timm_edl.set_beta_mode`.
     The cached step size is forgotten.  Returns ``model``.
     """

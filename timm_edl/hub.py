@@ -537,7 +537,9 @@ def _names_regex(names: Sequence[str]) -> str:
 def _edl_model_args(model: nn.Module) -> Dict[str, Any]:
     """model_args that rebuild an EDLResNet's EDL layers and input normalisation."""
     layers = edl_layers(model)
-    edl_cfg = {k: v for k, v in model.edl_cfg.items()}
+    # compile_solver is how this machine runs the solver, not part of the model: a loaded
+    # export must not need a compiler
+    edl_cfg = {k: v for k, v in model.edl_cfg.items() if k != 'compile_solver'}
     if layers:
         first_name, first = layers[0]
         common = edl_layer_config(first, values=False)
@@ -1407,7 +1409,7 @@ def push_main(argv: Optional[Sequence[str]] = None) -> int:
     """``timm-edl push``: upload an exported folder to the Hugging Face Hub."""
     p = argparse.ArgumentParser(
         prog='timm-edl push',
-        description=f'Upload an exported folder to the Hub (token: HF_TOKEN or `hf auth login`).')
+        description='Upload an exported folder to the Hub (token: HF_TOKEN or `hf auth login`).')
     p.add_argument('folder', help='folder written by timm-edl export / convert')
     p.add_argument('--repo-id', help=f'default: {HUB_NAMESPACE}/<model name recorded at export>')
     p.add_argument('--private', action='store_true')

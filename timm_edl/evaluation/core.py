@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 
 from .checks import (
-    Check, check_autoattack_log, check_gradient, check_ladder, check_naive, check_ordering, check_sweep,
-    check_transfer, gradient_check,
+    Check, check_autoattack_log, check_gradient, check_ladder, check_naive, check_noise, check_ordering,
+    check_sweep, check_transfer, gradient_check,
 )
 from .models import NAIVE_MODES, describe_model, naive_surrogate
 from .runners import (
-    AUTOATTACK_VERSIONS, correct_under_attack, make_pgd, predict_correct, run_autoattack,
+    AUTOATTACK_VERSIONS, correct_under_attack, make_noise, make_pgd, predict_correct, run_autoattack,
 )
 from .threat import (
     EvaluationError, canonical_threat_model, default_eps, format_eps, parse_eps,
@@ -32,9 +32,9 @@ from .threat import (
 __all__ = ['EvalConfig', 'evaluate', 'ATTACKS', 'SCHEMA', 'state_key']
 
 SCHEMA = 'timm-edl-eval/1'
-ATTACKS = ('clean', 'pgd', 'autoattack')
+ATTACKS = ('clean', 'noise', 'pgd', 'autoattack')
 _ATTACK_ALIASES = {'aa': 'autoattack', 'auto-attack': 'autoattack', 'autoattack': 'autoattack',
-                   'pgd': 'pgd', 'apgd': 'pgd', 'clean': 'clean'}
+                   'pgd': 'pgd', 'apgd': 'pgd', 'clean': 'clean', 'noise': 'noise', 'random-noise': 'noise'}
 
 
 @dataclass
@@ -48,6 +48,8 @@ class EvalConfig:
     pgd_steps: int = 50
     pgd_restarts: int = 1
     pgd_step_size: Optional[str] = None       # text; None: 2.5 eps / steps
+    noise_draws: int = 10                     # attack 'noise': random draws per point
+    noise_dist: str = 'corners'               # attack 'noise': 'corners' (sign * eps) or 'uniform'
     batch_size: int = 100
     seed: int = 0
     device: str = 'cpu'
@@ -82,8 +84,8 @@ def _canonical_attacks(attacks: Union[str, Sequence[str]]) -> List[str]:
         if not key:
             continue
         if key not in _ATTACK_ALIASES:
-            raise EvaluationError(f"unknown attack {item!r}; choose from autoattack, pgd (clean accuracy is always "
-                                  f"reported; --naive and --surrogate add the naive and transfer attacks)")
+            raise EvaluationError(f"unknown attack {item!r}; choose from autoattack, pgd, noise (clean accuracy is "
+                                  f"always reported; --naive and --surrogate add the naive and transfer attacks)")
         if _ATTACK_ALIASES[key] not in out:
             out.append(_ATTACK_ALIASES[key])
     return [a for a in out if a != 'clean']
@@ -150,7 +152,19 @@ def _dataset_fields(dataset: Any, data_label: Optional[str]) -> Tuple[str, str, 
     return name, label, (info.default_eps_linf if info is not None else None), info
 
 
-def evaluate(
+def evaluate(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+    """Evaluate ``model``; see :func:`_evaluate` for the arguments.
+
+    The parameters of the model (and of a surrogate) are frozen during the evaluation
+    (:func:`timm_edl.attacks.frozen_parameters`; restored afterwards), so no attack's
+    backward computes parameter gradients it does not need.
+    """
+    from ..attacks import frozen_parameters
+    with frozen_parameters(model, kwargs.get('surrogate')):
+        return _evaluate(model, *args, **kwargs)
+
+
+def _evaluate(
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -198,7 +212,10 @@ def evaluate(
         raise EvaluationError(f"unknown --version {config.version!r}; choose one of {', '.join(AUTOATTACK_VERSIONS[:3])}")
     if config.naive_mode not in NAIVE_MODES:
         raise EvaluationError(f"unknown --naive-mode {config.naive_mode!r}; choose one of {', '.join(NAIVE_MODES)}")
+    if 'noise' in attacks and threat_model == 'L1':
+        raise EvaluationError("attack 'noise' supports Linf and L2 only")
     for name, value, low in (('--pgd-steps', config.pgd_steps, 1), ('--pgd-restarts', config.pgd_restarts, 1),
+                             ('--noise-draws', config.noise_draws, 1),
                              ('--batch-size', config.batch_size, 1), ('--check-n', config.check_n, 1),
                              ('--grad-dirs', config.grad_dirs, 2)):
         if int(value) < low:
@@ -242,6 +259,21 @@ def evaluate(
     per_point['clean'] = clean
     results['clean'] = _row('Clean', clean, timings['clean'])
     log(f"[clean] {100 * _acc(clean):.2f}% ({timings['clean']:.1f} s)")
+
+    # random noise ----------------------------------------------------------------------
+    if 'noise' in attacks:
+        t0, c0 = time.time(), time.process_time()
+        noise_fn = make_noise(threat_model=threat_model, eps=eps, draws=config.noise_draws,
+                              distribution=config.noise_dist, seed=config.seed)
+        raw = correct_under_attack(model, x, y, noise_fn, batch_size=bs, device=device, desc='noise',
+                                   progress=progress)
+        timings['noise'] = time.time() - t0
+        cpu_timings['noise'] = time.process_time() - c0
+        per_point['noise'] = raw & clean
+        results['noise'] = _row(f"Random noise ({config.noise_dist}, {config.noise_draws} draws per point; robust "
+                                f"= correct under every draw)", per_point['noise'], timings['noise'],
+                                draws=config.noise_draws, distribution=config.noise_dist, attack='noise')
+        log(f"[noise] {100 * _acc(per_point['noise']):.2f}% ({timings['noise']:.1f} s)")
 
     pgd_label = (f"APGD-CE-{config.pgd_steps} (L1, pyautoattack)" if threat_model == 'L1'
                  else f"PGD-{config.pgd_steps}")
@@ -323,7 +355,7 @@ def evaluate(
         log(f"[transfer] {100 * _acc(per_point['transfer']):.2f}% ({timings['transfer']:.1f} s)")
 
     # worst case over every attack ----------------------------------------------------------
-    attacked = [k for k in ('pgd', 'autoattack', 'naive', 'transfer') if k in per_point]
+    attacked = [k for k in ('noise', 'pgd', 'autoattack', 'naive', 'transfer') if k in per_point]
     if attacked:
         worst = clean.clone()
         for k in attacked:
@@ -417,6 +449,8 @@ def evaluate(
                                  surrogate=surrogate_name,
                                  reason='' if surrogate is None or white_box is not None
                                  else 'the transfer check compares with PGD: add pgd to --attacks'))
+    if 'noise' in per_point:
+        checks.append(check_noise(_acc(per_point['noise']), white_box, n=n, tolerance=tol, attack=pgd_label))
     if config.naive:
         checks.append(check_naive(_acc(per_point.get('naive')), white_box, n=n, tolerance=tol,
                                   mode=config.naive_mode,
@@ -507,6 +541,7 @@ def _report(*, config, threat_model, eps, eps_text, dataset_name, label, data_in
                  'lossy': lossy},
         'worst_case_acc': worst,
         'naive_acc': results.get('naive', {}).get('accuracy'),
+        'noise_acc': results.get('noise', {}).get('accuracy'),
         'transfer_acc': results.get('transfer', {}).get('accuracy'),
         'seed': config.seed,
         'device': str(device),

@@ -51,7 +51,11 @@ Design choices (keyword arguments; defaults in brackets):
   * ``fused`` [True]: for the 'fixed' rule the steps run in place with a hand-written
     backward (:class:`_RistaStep`); :func:`rista` (autograd through every op) is the
     reference it is tested against.  ``memory_efficient`` [False] recomputes the layer
-    in the backward instead of storing its intermediates.
+    in the backward instead of storing its intermediates.  ``compile_solver`` [False]
+    runs :func:`rista` through ``torch.compile`` (one compiled solver per layer
+    geometry): the compiler fuses every elementwise pass of a step into one loop and
+    derives a matching backward, which the eager paths cannot do.  Optional; needs a
+    working ``torch.compile`` (a C++ compiler on CPU, Triton on GPU).
 
 Caveat (seen in training): a layer whose beta reaches 0 sees, in its first step from
 z_0 = 0, only ``clip(x, -eps, eps) / (2 eps)``, i.e. ``sign(x)`` where ``|x| > eps``: it
@@ -286,8 +290,7 @@ class _RistaStep(torch.autograd.Function):
         stride, padding, eps = ctx.conf
         need_x, need_z, need_w, need_beta, need_lam = ctx.needs_input_grad[:5]
         dilation, no_padding = [1, 1], [0, 0]
-        support_sign = torch.sign(z_next)
-        du = grad * support_sign.abs()
+        du = torch.where(z_next != 0, grad, 0.0)
         t = r.clamp(-eps, eps).mul_(0.5 / eps)
         q = torch.lerp(t, r, beta) if need_w else None
         # backward of u = conv2d(q, s A): dq and (if wanted) dA in one call
@@ -302,7 +305,8 @@ class _RistaStep(torch.autograd.Function):
             dbeta = (dq * (r - t)).sum().reshape(beta.shape)
         del t
         if need_x or need_z or need_w:
-            slope = (r.abs() < eps).to(r.dtype).mul_(0.5 / eps).lerp_(torch.ones_like(r), beta)
+            # d(a r)/dr: beta outside the eps band, beta + (1 - beta) / (2 eps) inside it
+            slope = torch.where(r.abs() < eps, beta + (1.0 - beta) * (0.5 / eps), beta)
             dr = dq.mul_(slope)
             del slope
             dx = dr if need_x else None
@@ -317,8 +321,34 @@ class _RistaStep(torch.autograd.Function):
                 if need_w:
                     dw = dw.sub_(gw)
         if need_lam:
-            dlam = -(grad * support_sign).sum().mul(step).reshape(())
+            dlam = -(grad * torch.sign(z_next)).sum().mul(step).reshape(())
         return dx, dz, dw, dbeta, dlam, None, None, None, None, None
+
+
+_COMPILED_SOLVERS: Dict[Tuple, object] = {}
+
+
+@torch.jit.unused
+def compiled_rista(stride: List[int], padding: List[int], num_steps: int, eps: float, nonneg: bool,
+                   step_rule: str, key: Tuple = ()):
+    """``torch.compile`` of :func:`rista` for one solver configuration (cached).
+
+    Returns ``solve(x, weight, beta, lam, lipschitz, step_scale)``.  Each configuration
+    (``key`` adds e.g. channel counts) gets its own code object, so the compiler's
+    recompile limit, which is counted per code object, is spent per layer geometry and
+    not shared by every EDL layer of a network.  The batch size is left to the
+    compiler's automatic dynamic shapes (attacks shrink the batch as points fall).
+    """
+    full_key = (tuple(stride), tuple(padding), num_steps, eps, nonneg, step_rule) + tuple(key)
+    solver = _COMPILED_SOLVERS.get(full_key)
+    if solver is None:
+        def solve(x, weight, beta, lam, lipschitz, step_scale):
+            return rista(x, weight, beta, lam, lipschitz, stride, padding, num_steps, eps, nonneg,
+                         step_rule, step_scale)
+        solve.__code__ = solve.__code__.replace(co_name=f'rista_{len(_COMPILED_SOLVERS)}')
+        solver = torch.compile(solve)
+        _COMPILED_SOLVERS[full_key] = solver
+    return solver
 
 
 @torch.jit.unused
@@ -432,6 +462,10 @@ class EDLConv2d(nn.Module):
             step rules, and TorchScript use the autograd reference.
         memory_efficient: in training, keep only the layer input and recompute the
             solver in the backward (activation checkpointing; identical gradients).
+        compile_solver: run the solver through ``torch.compile`` (:func:`compiled_rista`;
+            the same math as :func:`rista`, elementwise work fused by the compiler;
+            the first call per geometry compiles).  Takes precedence over ``fused``;
+            with ``memory_efficient`` the compiled solver is checkpointed.
 
     Shapes: input (B, C_in, H, W) -> output (B, C_out, H', W'), H', W' as for ``nn.Conv2d``.
     """
@@ -463,6 +497,7 @@ class EDLConv2d(nn.Module):
             fixed_lipschitz: Optional[float] = None,
             fused: bool = True,
             memory_efficient: bool = False,
+            compile_solver: bool = False,
     ):
         super().__init__()
         if in_chans <= 0 or out_chans <= 0:
@@ -495,6 +530,7 @@ class EDLConv2d(nn.Module):
         self.fixed_lipschitz = float(fixed_lipschitz) if fixed_lipschitz is not None else 0.0
         self.fused = fused
         self.memory_efficient = memory_efficient
+        self.compile_solver = compile_solver
 
         self.weight = nn.Parameter(torch.empty(out_chans, in_chans, k[0], k[1]))
         self.bias = nn.Parameter(torch.zeros(out_chans)) if bias else None
@@ -582,8 +618,18 @@ class EDLConv2d(nn.Module):
         return x, weight
 
     @torch.jit.unused
+    def _compiled_solve(self, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
+                        lam: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        solve = compiled_rista(self.stride, self.padding, self.num_steps, self.eps, self.nonneg, self.step_rule,
+                               key=(self.in_chans, self.out_chans, tuple(self.kernel_size)))
+        return solve(x, weight, beta, lam, L, self.step_scale)
+
+    @torch.jit.unused
     def _checkpointed_rista(self, x: torch.Tensor, weight: torch.Tensor, beta: torch.Tensor,
                             lam: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+        if self.compile_solver:
+            return torch.utils.checkpoint.checkpoint(self._compiled_solve, x, weight, beta, lam, L,
+                                                     use_reentrant=False)
         return torch.utils.checkpoint.checkpoint(
             rista_fused, x, weight, beta, lam, L, self.stride, self.padding, self.num_steps, self.eps,
             self.nonneg, use_reentrant=False)
@@ -660,12 +706,19 @@ class EDLConv2d(nn.Module):
         L = self._lipschitz(weight, in_size)
         beta = self.beta_value()
         lam = self.lam_value()
-        if torch.jit.is_scripting() or not (self.fused and self.step_rule == 'fixed'):
+        if torch.jit.is_scripting():
             z = rista(
                 x, weight, beta, lam, L, self.stride, self.padding, self.num_steps,
                 self.eps, self.nonneg, self.step_rule, self.step_scale)
-        elif self.memory_efficient and torch.is_grad_enabled():
+        elif self.memory_efficient and torch.is_grad_enabled() and (
+                self.compile_solver or (self.fused and self.step_rule == 'fixed')):
             z = self._checkpointed_rista(x, weight, beta, lam, L)
+        elif self.compile_solver:
+            z = self._compiled_solve(x, weight, beta, lam, L)
+        elif not (self.fused and self.step_rule == 'fixed'):
+            z = rista(
+                x, weight, beta, lam, L, self.stride, self.padding, self.num_steps,
+                self.eps, self.nonneg, self.step_rule, self.step_scale)
         else:
             z = rista_fused(x, weight, beta, lam, L, self.stride, self.padding, self.num_steps, self.eps, self.nonneg)
         if self.track_stats and not torch.jit.is_scripting():
