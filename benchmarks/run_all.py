@@ -9,8 +9,10 @@ number in it was produced by the command printed above it.
 """
 import argparse
 import datetime
+import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -20,7 +22,7 @@ ROOT = HERE.parent
 def runs(threads: int, quick: bool):
     common = ['--threads', str(threads)] + (['--quick'] if quick else [])
     timing = [] if quick else ['--repeats', '5', '--warmup', '1']
-    return [
+    sections = [
         ('One EDL layer vs the conv it replaces (default: fused step)',
          ['bench_layer.py', '--input-grad'] + timing + common),
         ('One EDL layer, reference implementation (autograd through every op; the baseline)',
@@ -32,6 +34,69 @@ def runs(threads: int, quick: bool):
         ('edlnet_resnet18 vs its conv twin: adversarial training (PGD-10 AT step) and AutoAttack (APGD-CE) throughput',
          ['bench_attack.py'] + common),
     ]
+    if quick:  # the compiled variants spend most of a quick run compiling: full runs only
+        return sections
+    compiled = ['--edl-cfg', 'compile_solver=True']
+    return sections + [
+        ('edlnet_resnet18, reference implementation (the baseline of the model-level gap)',
+         ['bench_model.py', '--no-fwd-bwd', '--no-layer-table', '--edl-cfg', 'fused=False'] + timing[:2] + common),
+        ('One EDL layer, compile_solver=True (torch.compile of the solver; the conv compiled too)',
+         ['bench_layer.py', '--input-grad', '--steps', '2,3'] + compiled + timing + common),
+        ('edlnet_resnet18, compile_solver=True (the twin as torch.compile(twin))',
+         ['bench_model.py', '--no-fwd-bwd', '--no-layer-table'] + compiled + timing[:2] + common),
+    ]
+
+
+def _variant(cmd) -> str:
+    cfg = [cmd[i + 1] for i, a in enumerate(cmd) if a == '--edl-cfg']
+    if 'fused=False' in cfg:
+        return 'reference (fused=False)'
+    if 'compile_solver=True' in cfg:
+        return 'compile_solver=True'
+    return 'fused (default)'
+
+
+def summary(outputs) -> str:
+    """The targets of the performance issue next to what the runs below measured.
+
+    Quotient = measured time ratio / counted FLOP ratio (1: the EDL layers cost exactly
+    their extra convolutions).  Every value is read from the JSON the scripts wrote.
+    """
+    rows = []
+    for cmd, data in outputs:
+        script, variant = cmd[0], _variant(cmd)
+        if script == 'bench_layer.py':
+            for r in data['results']:
+                target = {'fwd': '<= 1.15', 'fwd+bwd': '<= 1.25', 'fwd+bwd (input grad)': '<= 1.25'}.get(r['pass'])
+                if r['K'] in (2, 3):
+                    rows.append([f"layer, K={r['K']}, {r['pass']}", variant, f"{r['measured_ratio']:.2f}",
+                                 f"{r['flop_ratio_counted']:.2f}", f"{r['measured_over_flop_ratio']:.2f}",
+                                 f'quotient {target}'])
+        elif script == 'bench_model.py':
+            for r in data['results']:
+                for mode, p in r['passes'].items():
+                    rows.append([f"edlnet_resnet18, K={r['K']}, {mode}", variant, f"{p['measured_ratio']:.2f}",
+                                 f"{p['flop_ratio_counted']:.2f}", f"{p['measured_over_flop_ratio']:.2f}",
+                                 'gap (quotient - 1) at most half the reference\'s'])
+        elif script == 'bench_memory.py':
+            for r in data['results']:
+                rows.append([f"edlnet_resnet18, K={r['num_steps']}, saved activations", r['implementation'],
+                             f"{r['ratio']:.2f}", '-', '-',
+                             'memory_efficient <= 1.5' if r['implementation'] == 'memory_efficient' else 'report'])
+        elif script == 'bench_attack.py':
+            for r in data['results']:
+                for name, p in r['passes'].items():
+                    label = 'PGD-10 AT step' if name == 'at_step' else 'APGD-CE (AutoAttack)'
+                    rows.append([f"edlnet_resnet18, K={r['K']}, {label}", variant, f"{p['measured_ratio']:.2f}",
+                                 f"{p['flop_ratio_counted']:.2f}", f"{p['measured_over_flop_ratio']:.2f}", 'report'])
+    table = ['| what | implementation | EDL / conv time (or bytes) | FLOP ratio | quotient | target |',
+             '|---|---|---|---|---|---|']
+    table += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
+    return ('## Summary: the targets and what the runs below measured\n\n'
+            'EDL / conv = time of the EDL layer or model divided by that of the conv it replaces '
+            '(median; memory rows: saved-activation bytes); quotient = that ratio / the counted FLOP '
+            'ratio. Every cell comes from the run of the same script further down.\n\n'
+            + '\n'.join(table) + '\n')
 
 
 def main(argv=None) -> int:
@@ -48,14 +113,19 @@ def main(argv=None) -> int:
         'each section gives the command and its output verbatim. How the numbers are made: '
         '`benchmarks/README.md`.\n',
     ]
-    for title, cmd in runs(args.threads, args.quick):
-        full = [sys.executable, str(HERE / cmd[0])] + cmd[1:]
-        print('running:', ' '.join(cmd), flush=True)
-        done = subprocess.run(full, cwd=ROOT, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.stderr.write(done.stdout + done.stderr)
-            raise SystemExit(f'{cmd[0]} failed with exit code {done.returncode}')
-        sections.append(f'## {title}\n\n```\npython benchmarks/{" ".join(cmd)}\n```\n\n{done.stdout.strip()}\n')
+    outputs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (title, cmd) in enumerate(runs(args.threads, args.quick)):
+            json_path = Path(tmp) / f'{i}.json'
+            full = [sys.executable, str(HERE / cmd[0])] + cmd[1:] + ['--json', str(json_path)]
+            print('running:', ' '.join(cmd), flush=True)
+            done = subprocess.run(full, cwd=ROOT, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.stderr.write(done.stdout + done.stderr)
+                raise SystemExit(f'{cmd[0]} failed with exit code {done.returncode}')
+            outputs.append((cmd, json.loads(json_path.read_text())))
+            sections.append(f'## {title}\n\n```\npython benchmarks/{" ".join(cmd)}\n```\n\n{done.stdout.strip()}\n')
+    sections.insert(2, summary(outputs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text('\n'.join(sections))
     print(f'wrote {args.out}')

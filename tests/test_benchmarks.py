@@ -169,3 +169,22 @@ def test_bench_attack_apgd_flops_extrapolation_is_exact():
             model(x)  # L cached
         direct = bench.count_flops(bench._apgd_fn(model, x, 4, 'cpu', torch.float32)[0])
         assert direct == bench.apgd_flops(model, x, 4, 'cpu', torch.float32) > 0
+
+
+def test_run_all_quick_writes_report_with_summary(tmp_path):
+    """`make bench`'s driver: every script's section, and a summary whose rows come from their JSON."""
+    out = tmp_path / 'performance.md'
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / 'run_all.py'), '--quick', '--threads', '1', '--out', str(out)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = out.read_text()
+    for script in ('bench_layer.py', 'bench_model.py', 'bench_memory.py', 'bench_attack.py'):
+        assert f'python benchmarks/{script}' in text
+    summary = text.split('## Summary', 1)[1].split('\n## ', 1)[0]
+    rows = [line for line in summary.splitlines() if line.startswith('| ') and not line.startswith('| what')]
+    assert any('layer, K=2, fwd |' in r for r in rows) and any('memory_efficient' in r for r in rows)
+    assert any('PGD-10 AT step' in r for r in rows) and any('train step' in r for r in rows)
+    for r in rows:
+        ratio = float(r.split('|')[3])
+        assert math.isfinite(ratio) and ratio > 0, r
