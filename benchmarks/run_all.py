@@ -25,6 +25,8 @@ def runs(threads: int, quick: bool):
     sections = [
         ('One EDL layer vs the conv it replaces (default: fused step)',
          ['bench_layer.py', '--input-grad'] + timing + common),
+        ('One EDL layer at beta = 0.5 (the elastic regime: the reweighting is not the identity)',
+         ['bench_layer.py', '--steps', '2,3', '--edl-cfg', 'beta=0.5'] + timing + common),
         ('One EDL layer, reference implementation (autograd through every op; the baseline)',
          ['bench_layer.py', '--edl-cfg', 'fused=False'] + timing + common),
         ('edlnet_resnet18 vs its conv twin',
@@ -51,9 +53,8 @@ def _variant(cmd) -> str:
     cfg = [cmd[i + 1] for i, a in enumerate(cmd) if a == '--edl-cfg']
     if 'fused=False' in cfg:
         return 'reference (fused=False)'
-    if 'compile_solver=True' in cfg:
-        return 'compile_solver=True'
-    return 'fused (default)'
+    label = 'compile_solver=True' if 'compile_solver=True' in cfg else 'fused (default)'
+    return label + ''.join(f', {c}' for c in cfg if c.startswith('beta='))
 
 
 def summary(outputs) -> str:

@@ -525,3 +525,22 @@ def test_compile_solver_is_settable_and_not_exported(tmp_path):
     assert 'compile_solver' not in edl_cfg
     loaded = hub.load(f'local-dir:{tmp_path / "export"}')
     assert not any(m.compile_solver for _, m in edl_layers(loaded))
+
+
+@pytest.mark.parametrize('beta', [0.0, 0.4, 0.995, 1.0])
+@pytest.mark.parametrize('nonneg', [False, True])
+def test_fused_path_matches_reference_at_every_beta_regime(beta, nonneg):
+    """The fused step factors the reweighted residual differently for beta = 0, small
+    beta, beta near 1 (the beta coefficient is the larger) and beta = 1 (no reweighting
+    at all): each regime against autograd through the reference solver, with beta
+    trainable (its gradient is checked too)."""
+    fused, reference = _layer_pair(stride=1, nonneg=nonneg, num_steps=3, beta=beta, lam=0.05, eps=1e-2)
+    assert beta < 0.99 or beta >= (1 - beta) * 0.5 / 1e-2  # 0.995 takes the 'beta is larger' branch
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    out_f, out_r = fused(x), reference(x)
+    assert torch.allclose(out_f, out_r, atol=1e-12, rtol=0)
+    g = torch.randn_like(out_f)
+    grads_f = torch.autograd.grad(out_f, [x, fused.weight, fused.beta], g)
+    grads_r = torch.autograd.grad(out_r, [x, reference.weight, reference.beta], g)
+    for name, a, b in zip(['x', 'weight', 'beta'], grads_f, grads_r):
+        assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), name

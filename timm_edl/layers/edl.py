@@ -269,15 +269,18 @@ class _RistaStep(torch.autograd.Function):
         if z is None:
             r = x
         else:
-            r = synthesis(z, weight, stride, padding, in_size).neg_().add_(x)
-        q = r.clamp(-eps, eps).mul_(0.5 / eps).lerp_(r, beta)
-        u = F.conv2d(q, weight * step, None, stride, padding)
+            r = synthesis(z, weight, stride, padding, in_size)
+            r = torch.sub(x, r, out=r)
+        scale, q = _scaled_reweighted_residual(r, beta, eps)
+        u = F.conv2d(q, weight * (step * scale), None, stride, padding)
         del q
         if z is not None:
             u.add_(z)
         threshold = lam * step
         if nonneg:
             z_next = u.sub_(threshold).relu_()
+        elif u.device.type == 'cpu':  # one pass: u - clip(u, +-c)
+            z_next = F.softshrink(u, float(threshold))
         else:
             z_next = u.sub_(u.clamp(-threshold, threshold))
         ctx.save_for_backward(r, z, weight, beta, step, z_next)
@@ -291,24 +294,28 @@ class _RistaStep(torch.autograd.Function):
         need_x, need_z, need_w, need_beta, need_lam = ctx.needs_input_grad[:5]
         dilation, no_padding = [1, 1], [0, 0]
         du = torch.where(z_next != 0, grad, 0.0)
-        t = r.clamp(-eps, eps).mul_(0.5 / eps)
-        q = torch.lerp(t, r, beta) if need_w else None
-        # backward of u = conv2d(q, s A): dq and (if wanted) dA in one call
+        scale, q = _scaled_reweighted_residual(r, beta, eps) if need_w else (1.0, r)
+        # backward of u = conv2d(q, s A): dq (it does not depend on q) and, if wanted, dA
         dq, dw, _ = torch.ops.aten.convolution_backward(
-            du, q if q is not None else r, weight * step, None, stride, padding, dilation, False, no_padding, 1,
+            du, q, weight * step, None, stride, padding, dilation, False, no_padding, 1,
             [True, need_w, False])
         del q
         if dw is not None:
-            dw = dw.mul_(step)
+            dw = dw.mul_(step * scale)
         dx = dz = dbeta = dlam = None
-        if need_beta:
-            dbeta = (dq * (r - t)).sum().reshape(beta.shape)
-        del t
+        if need_beta:  # d(a r)/dbeta = r - clip(r, +-eps) / (2 eps)
+            t = r.clamp(-eps, eps)
+            t = torch.add(r, t, alpha=-0.5 / eps, out=t)
+            dbeta = torch.dot(dq.reshape(-1), t.reshape(-1)).reshape(beta.shape)
+            del t
         if need_x or need_z or need_w:
-            # d(a r)/dr: beta outside the eps band, beta + (1 - beta) / (2 eps) inside it
-            slope = torch.where(r.abs() < eps, beta + (1.0 - beta) * (0.5 / eps), beta)
-            dr = dq.mul_(slope)
-            del slope
+            if _host_value(beta) == 1.0:  # vanilla DL: a = 1, dr = dq
+                dr = dq
+            else:
+                # d(a r)/dr: beta outside the eps band, beta + (1 - beta) / (2 eps) inside it
+                slope = torch.where(r.abs() < eps, beta + (1.0 - beta) * (0.5 / eps), beta)
+                dr = dq.mul_(slope)
+                del slope
             dx = dr if need_x else None
             if z is not None and (need_z or need_w):
                 # backward of r = x - conv_transpose2d(z, A): dz and dA in one call
@@ -323,6 +330,35 @@ class _RistaStep(torch.autograd.Function):
         if need_lam:
             dlam = -(grad * torch.sign(z_next)).sum().mul(step).reshape(())
         return dx, dz, dw, dbeta, dlam, None, None, None, None, None
+
+
+def _host_value(t: torch.Tensor) -> Optional[float]:
+    """The value of a 0-dim CPU tensor (free to read); None on an accelerator (a sync)."""
+    return float(t) if t.device.type == 'cpu' else None
+
+
+def _scaled_reweighted_residual(r: torch.Tensor, beta: torch.Tensor, eps: float) -> Tuple[float, torch.Tensor]:
+    """``(k, q)`` with ``k q = a * r = beta r + (1 - beta) clip(r, +-eps) / (2 eps)``.
+
+    The scalar ``k`` is folded into the (small) dictionary of the next convolution, so on
+    the CPU, where beta's value can be read for free, ``q`` takes one or two elementwise
+    passes instead of three, and none at all for beta = 1 (``q`` is then ``r`` itself:
+    read it, never write it).  The larger of the two coefficients is factored out, so
+    the remaining one is at most 1.
+    """
+    c = 0.5 / eps
+    b = _host_value(beta)
+    if b is None:
+        return 1.0, r.clamp(-eps, eps).mul_(c).lerp_(r, beta)
+    if b == 1.0:
+        return 1.0, r
+    t = r.clamp(-eps, eps)
+    k = (1.0 - b) * c
+    if b == 0.0:
+        return k, t
+    if b >= k:
+        return b, torch.add(r, t, alpha=k / b, out=t)
+    return k, torch.add(t, r, alpha=b / k, out=t)
 
 
 _COMPILED_SOLVERS: Dict[Tuple, object] = {}
