@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # One BLAS thread per pytest worker: two workers on the 2-core CI machine.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install data test test-slow bench demo clean
+.PHONY: install data test test-slow bench demo results clean
 
 # Debian's Fashion-MNIST (full, lossless) for the data tests; needs root + apt.
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -40,6 +40,12 @@ bench: $(BIN)/.installed
 # DEMO_ARGS passes options through.
 demo: $(BIN)/.installed
 	OMP_NUM_THREADS=1 $(BIN)/timm-edl demo $(DEMO_ARGS)
+
+# The paper's claims at CPU scale (about 45 min on 2 cores): trains and evaluates every model
+# with timm-edl's own commands, caches each job under runs/paper_claims/ and writes
+# docs/results.md + docs/results/*.png (see experiments/README.md).
+results: $(BIN)/.installed data
+	$(BIN)/python experiments/paper_claims.py --jobs 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -171,6 +171,52 @@ def test_honest_model_passes_every_check(honest_report):
     assert r['unreliable'] is False
 
 
+
+def test_random_noise_accuracy(honest_model, test_points):
+    """Attack 'noise': worst of several random draws per point, no gradient; it lies between
+    the PGD and the clean accuracy, stays in the threat model, and is reproducible."""
+    from timm_edl.attacks import random_noise_attack
+    x, y = test_points
+    for dist in ('corners', 'uniform'):
+        g = torch.Generator().manual_seed(0)
+        x_noisy = random_noise_attack(honest_model, x, y, eps=EPS, draws=4, distribution=dist, generator=g)
+        assert (x_noisy - x).abs().max() <= EPS + 1e-6 and x_noisy.min() >= 0 and x_noisy.max() <= 1
+        if dist == 'corners':  # every pixel at a corner of the ball, unless the box clipped it
+            delta = (x_noisy - x).abs()
+            clipped = (x_noisy == 0) | (x_noisy == 1)
+            assert torch.all((delta - EPS).abs().le(1e-6) | clipped)
+    with pytest.raises(ValueError, match='draws'):
+        random_noise_attack(honest_model, x, y, eps=EPS, draws=0)
+    with pytest.raises(ValueError, match='distribution'):
+        random_noise_attack(honest_model, x, y, eps=EPS, distribution='gaussian')
+
+    config = quick_config(attacks='noise,pgd', noise_draws=5, eps_sweep=None, naive=False, checks=False)
+    report = evaluate(honest_model, x, y, config, dataset='fashion-mnist-small', log=lambda m: None)
+    noise = report['results']['noise']
+    assert noise['draws'] == 5 and noise['distribution'] == 'corners'
+    assert report['pgd_acc'] <= report['noise_acc'] <= report['clean_acc']
+    assert 'noise' in report['results']['worst_case']['attacks']
+    check = next(c for c in report['checks'] if c['name'] == 'noise-vs-attack')
+    assert check['status'] == 'passed'
+    again = evaluate(honest_model, x, y, config, dataset='fashion-mnist-small', log=lambda m: None)
+    assert again['noise_acc'] == report['noise_acc']
+    # one draw cannot be worse than the worst of five (draw 1 is the same point: same seed)
+    one = evaluate(honest_model, x, y, quick_config(attacks='noise', noise_draws=1, eps_sweep=None, naive=False,
+                                                    checks=False),
+                   dataset='fashion-mnist-small', log=lambda m: None)
+    assert one['noise_acc'] >= report['noise_acc']
+    with pytest.raises(EvaluationError, match='Linf and L2'):
+        evaluate(honest_model, x, y, quick_config(attacks='noise', threat_model='L1', pgd_steps=5),
+                 log=lambda m: None)
+
+
+def test_noise_check_flags_attacks_weaker_than_noise():
+    from timm_edl.evaluation.checks import check_noise
+    assert check_noise(0.30, 0.50, n=100, tolerance=0.01, attack='PGD-10').status == 'failed'
+    assert check_noise(0.60, 0.50, n=100, tolerance=0.01).status == 'passed'
+    assert check_noise(None, 0.50, n=100, tolerance=0.01).status == 'skipped'
+
+
 @pytest.mark.parametrize('masking', ['round-input', 'detached-edl-solver'])
 def test_gradient_masked_models_are_flagged(masking, honest_model, test_points):
     x, y = test_points

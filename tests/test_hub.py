@@ -416,6 +416,21 @@ def test_corrupt_weights_are_reported(exported, tmp_path, damage):
         hub.verify_export(folder)
 
 
+
+def test_header_length_starting_with_0x80_is_not_mistaken_for_a_pickle(exported, tmp_path):
+    """A safetensors header of 128 mod 256 bytes starts with byte 0x80, like a legacy pickle."""
+    state = exported['model'].state_dict()
+    weights = tmp_path / 'model.safetensors'
+    for pad in range(0, 256):
+        safetensors.torch.save_file(state, str(weights), metadata={'format': 'pt', 'pad': 'x' * pad})
+        if weights.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail('no padding gave a header length of 128 mod 256')
+    assert hub.check_safetensors_file(weights)
+    hub.load_checkpoint(tiny_edlnet(), weights)
+
+
 def test_corrupt_weights_in_the_timm_path(exported, tmp_path, pickle_hook):
     folder = tmp_path / 'damaged'
     shutil.copytree(exported['folder'], folder)

@@ -234,6 +234,26 @@ def test_two_stage_schedule_freezes_then_releases_beta(reference_run):
     assert any(v != 1.0 for v in first_elastic.values())
 
 
+
+@pytest.mark.parametrize('beta, objective', [(0.0, 'pgd'), (1.0, 'natural')])
+def test_beta_fixed_for_the_whole_run(tmp_path, beta, objective):
+    """Robust DL (beta = 0) and vanilla DL (beta = 1) for a whole run: EDL layers built with a
+    fixed beta (edl_cfg beta_learnable: false) and no two-stage schedule; the exports keep it."""
+    kwargs = TINY_KWARGS[:-1] + f", edl_cfg: {{beta: {beta}, beta_learnable: false}}}}"
+    out = tmp_path / 'run'
+    cfg = tiny_config(out, model_kwargs=kwargs, objective=objective, epochs=1, elastic_from_epoch='null')
+    result = train(cfg)
+    layers = edl_layers(result.model)
+    assert len(layers) == 5 and all(float(layer.beta) == beta for _, layer in layers)
+    assert all(not isinstance(layer.beta, torch.nn.Parameter) for _, layer in layers)  # a buffer: never trained
+    rows = read_summary(out / 'summary.csv')
+    assert [float(r['train_beta_mean']) for r in rows] == [beta]
+    for export in ('final', 'best'):
+        assert all(v == beta for v in betas(load_file(str(out / export / 'model.safetensors'))).values())
+        reloaded = timm.create_model(f'local-dir:{out / export}', pretrained=True)
+        assert all(float(layer.beta) == beta for _, layer in edl_layers(reloaded))
+
+
 def _compare_runs(a, b):
     for export in ('final', 'best'):
         sa, sb = load_file(str(a / export / 'model.safetensors')), load_file(str(b / export / 'model.safetensors'))

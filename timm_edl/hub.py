@@ -216,15 +216,18 @@ def check_safetensors_file(path: Union[str, Path]) -> Dict[str, Tuple[str, Tuple
         head = f.read(8)
         if len(head) < 8:
             raise corrupt(f"it has {size} bytes, fewer than the 8-byte header length")
-        if head[:2] == b'PK' or head[:1] == b'\x80':
+        n = int.from_bytes(head, 'little')
+        # A safetensors header length can start with byte 0x80 too (any length = 128 mod 256):
+        # only call the file a pickle when it does not read as a safetensors header ('{' first).
+        first = f.read(1) if 0 < n <= min(size - 8, _MAX_HEADER) else b''
+        if first != b'{' and (head[:2] == b'PK' or head[:1] == b'\x80'):
             raise CorruptCheckpointError(
                 f"{path} is a pickle-based PyTorch checkpoint (torch.save), not safetensors; "
                 f"read it with load_checkpoint(..., allow_pickle=True) only if you trust its origin")
-        n = int.from_bytes(head, 'little')
         if n > size - 8 or n > _MAX_HEADER:
             raise corrupt(f"its header claims {n} bytes but the file has {size}")
         try:
-            header = json.loads(f.read(n).decode('utf-8'))
+            header = json.loads((first + f.read(n - len(first))).decode('utf-8'))
         except (UnicodeDecodeError, ValueError) as e:
             raise corrupt(f"its header is not valid JSON ({e})") from None
     if not isinstance(header, dict):

@@ -327,6 +327,25 @@ def check_naive(naive: Optional[float], adaptive: Optional[float], *, n: int, to
                  f"overstated robustness by {100 * (naive - adaptive):.2f} points", values)
 
 
+def check_noise(noise: Optional[float], attacked: Optional[float], *, n: int, tolerance: float,
+                attack: str = 'PGD') -> Check:
+    """A gradient attack must be at least as strong as random noise of the same radius.
+
+    Random noise uses no gradient; when it breaks more points than PGD, the gradients mislead
+    the attack (masked, shattered or vanishing gradients): the PGD number is not a robustness
+    measurement."""
+    if noise is None or attacked is None:
+        return Check('noise-vs-attack', 'skipped', 'run with --attacks ...,noise,pgd to compare random noise with PGD')
+    tol = tolerance_for(n, tolerance)
+    values = {'noise': noise, 'attack': attacked, 'gap': noise - attacked, 'tolerance': tol}
+    if noise < attacked - tol:
+        return Check('noise-vs-attack', 'failed',
+                     f"random noise ({_pct(noise)}) breaks more points than {attack} ({_pct(attacked)}): the "
+                     f"gradients mislead the attack (gradient masking)", values)
+    return Check('noise-vs-attack', 'passed',
+                 f"random noise {_pct(noise)} >= {attack} {_pct(attacked)}", values)
+
+
 def check_autoattack_log(warnings: Optional[List[str]], ran: bool) -> Check:
     """Every warning pyautoattack logged during the run is a failed check."""
     if not ran:

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--eps-sweep', default=None, metavar='EPS,EPS,...',
                    help='radii for the robustness curve (PGD on the first --check-n points), e.g. 0,2/255,4/255,8/255')
     g = p.add_argument_group('attacks')
-    g.add_argument('--attacks', default='autoattack,pgd', help='comma list of autoattack, pgd (clean always runs)')
+    g.add_argument('--attacks', default='autoattack,pgd',
+                   help='comma list of autoattack, pgd, noise (random noise in the eps-ball, no gradient); clean '
+                        'always runs')
     g.add_argument('--version', default='standard', choices=('standard', 'plus', 'rand'), help='AutoAttack version')
     g.add_argument('--aa-attacks', default=None, metavar='A,B',
                    help="run AutoAttack version 'custom' with these attacks (apgd-ce, apgd-dlr, apgd-t, fab, fab-t, "
@@ -64,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--pgd-steps', type=int, default=50)
     g.add_argument('--pgd-restarts', type=int, default=1)
     g.add_argument('--pgd-step-size', default=None, help='PGD step size (default 2.5 eps / steps)')
+    g.add_argument('--noise-draws', type=int, default=10,
+                   help="attack 'noise': random perturbations per point (a point is robust if correct under all)")
+    g.add_argument('--noise-dist', default='corners', choices=('corners', 'uniform'),
+                   help="attack 'noise': corners = independent random signs times eps (Linf; L2: random direction "
+                        "at radius eps); uniform = uniform in the ball (PGD's random start)")
     g.add_argument('--naive', action='store_true',
                    help='also run the naive evaluation (PGD through a surrogate that truncates the EDL solver)')
     g.add_argument('--naive-mode', default='truncate', choices=sorted(NAIVE_MODES),
@@ -167,6 +174,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
             threat_model=threat_model, eps=args.eps, attacks=args.attacks, version=args.version,
             aa_attacks=[a.strip() for a in args.aa_attacks.split(',') if a.strip()] if args.aa_attacks else None,
             pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_step_size=args.pgd_step_size,
+            noise_draws=args.noise_draws, noise_dist=args.noise_dist,
             batch_size=args.batch_size, seed=args.seed, device=args.device, eps_sweep=args.eps_sweep,
             naive=args.naive, naive_mode=args.naive_mode, checks=args.checks, check_n=args.check_n,
             grad_points=args.grad_points, grad_dirs=args.grad_dirs, tolerance=args.tolerance,

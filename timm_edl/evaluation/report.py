@@ -62,7 +62,7 @@ def markdown(report: Dict[str, Any], files: Optional[Dict[str, str]] = None) -> 
     lines.append('')
     lines.append('| Evaluation | Accuracy | Correct | Wall time | CPU time | Wall time / 100 points |')
     lines.append('|---|---:|---:|---:|---:|---:|')
-    for key in ('clean', 'pgd', 'autoattack', 'worst_case', 'naive', 'transfer'):
+    for key in ('clean', 'noise', 'pgd', 'autoattack', 'worst_case', 'naive', 'transfer'):
         row = r['results'].get(key)
         if row is None:
             continue

@@ -19,11 +19,11 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from ..attacks import pgd_attack
+from ..attacks import NOISE_DISTRIBUTIONS, pgd_attack, random_noise_attack
 from .threat import EvaluationError
 
 __all__ = [
-    'progress_bar', 'predict_correct', 'correct_under_attack', 'make_pgd', 'run_autoattack',
+    'progress_bar', 'predict_correct', 'correct_under_attack', 'make_pgd', 'make_noise', 'run_autoattack',
     'AUTOATTACK_VERSIONS', 'AUTOATTACK_ATTACKS', 'AA_LOGGER',
 ]
 
@@ -112,6 +112,18 @@ def make_pgd(*, threat_model: str, eps: float, steps: int, restarts: int, step_s
     return partial(pgd_attack, eps=eps, norm=threat_model, steps=steps, restarts=restarts,
                    step_size=step_size, random_start=True, grad_model=grad_model,
                    keep_best=keep_best, generator=generator)
+
+
+def make_noise(*, threat_model: str, eps: float, draws: int, distribution: str, seed: int) -> Callable:
+    """``attack(model, x, y) -> x_noisy``: :func:`timm_edl.attacks.random_noise_attack` (Linf / L2),
+    the worst of ``draws`` random perturbations per point, from one generator seeded with ``seed``."""
+    if threat_model not in ('Linf', 'L2'):
+        raise EvaluationError(f"the random-noise attack supports Linf and L2, not {threat_model}")
+    if distribution not in NOISE_DISTRIBUTIONS:
+        raise EvaluationError(f"unknown --noise-dist {distribution!r}; choose one of {', '.join(NOISE_DISTRIBUTIONS)}")
+    generator = torch.Generator().manual_seed(seed)
+    return partial(random_noise_attack, eps=eps, norm=threat_model, draws=draws, distribution=distribution,
+                   generator=generator)
 
 
 # ----------------------------------------------------------------------------- AutoAttack

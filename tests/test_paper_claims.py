@@ -1,0 +1,104 @@
+"""Tests of ``experiments/paper_claims.py``: the aggregation helpers, and the whole pipeline at
+``--scale smoke`` (train, evaluate, cache, Markdown, plots) on the real Fashion-MNIST."""
+import importlib.util
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path('/usr/share/datasets/fashion-mnist')
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location('paper_claims', REPO / 'experiments' / 'paper_claims.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['paper_claims'] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pc = _load()
+
+
+def test_mean_std_matches_hand_computed_values():
+    assert pc.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
+    # 2, 4, 4, 4, 5, 5, 7, 9: mean 5, sum of squares 32, sample variance 32 / 7
+    m, s = pc.mean_std([2, 4, 4, 4, 5, 5, 7, 9])
+    assert m == pytest.approx(5.0) and s == pytest.approx(math.sqrt(32 / 7))
+    assert pc.mean_std([0.42]) == (0.42, 0.0)  # one seed: no spread
+    with pytest.raises(ValueError, match='at least one'):
+        pc.mean_std([])
+    with pytest.raises(ValueError, match='non-finite'):
+        pc.mean_std([0.1, float('nan')])
+
+
+def test_fmt_pm_formats_percent_and_missing_values():
+    assert pc.fmt_pm([0.5, 0.6, 0.7]) == '60.0 ± 10.0'
+    assert pc.fmt_pm([10.0, 20.0], scale=1.0, digits=0) == '15 ± 7'
+    assert pc.fmt_pm([0.5, None]) == 'n/a'
+    assert pc.fmt_pm([]) == 'n/a'
+
+
+def test_check_cell_summarises_seeds():
+    assert pc._check_cell(['passed', 'passed', 'warning']) == 'passed 3/3 (1 warning)'
+    assert pc._check_cell(['passed', 'failed', 'failed']) == 'FAILED s1,s2'
+    assert pc._check_cell(['skipped', 'skipped']) == '-'
+    assert pc._check_cell(['passed', None]) == 'missing'
+
+
+def test_markdown_is_never_written_over_a_foreign_file(tmp_path):
+    foreign = tmp_path / 'results.md'
+    foreign.write_text('# my notes\n')
+    with pytest.raises(SystemExit, match='not written by this script'):
+        pc._check_out_md(foreign, force=False)
+    (tmp_path / 'cache').mkdir()
+    (tmp_path / 'cache' / 'something').write_text('x')
+    with pytest.raises(SystemExit, match='not a paper_claims cache'):
+        pc._prepare_out_dir(tmp_path / 'cache')
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason='Fashion-MNIST (Debian dataset-fashion-mnist) not installed')
+def test_smoke_run_writes_every_table_with_finite_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    out_md = tmp_path / 'docs' / 'results.md'
+    argv = ['--scale', 'smoke', '--out-dir', str(tmp_path / 'cache'), '--out-md', str(out_md), '--jobs', '1']
+    assert pc.main(argv) == 0
+    text = out_md.read_text()
+    assert text.startswith(pc.MARKER)
+    for heading in ('## (a) The robustness illusion', '## (b) The EDL effect', '## (c) Robust overfitting',
+                    '## (d) Gradient-masking checks'):
+        assert heading in text
+    assert 'n/a' not in text and 'missing' not in text and not re.search(r'\bnan\b', text, re.IGNORECASE)
+    rows = [line for line in text.splitlines() if line.startswith('| ')]
+
+    def row(model_label, section):
+        body = text.split(section, 1)[1]
+        line = next(r for r in body.splitlines() if r.startswith(f'| {model_label} |'))
+        numbers = re.findall(r'(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)', line)
+        assert numbers, line
+        assert all(math.isfinite(float(a)) and math.isfinite(float(b)) for a, b in numbers)
+        return numbers
+
+    for model in ('conv twin', 'vanilla DL (beta = 1)'):
+        assert len(row(model, '## (a)')) == 7  # clean, noise, 3 naive modes, PGD, AutoAttack
+    for model in ('conv twin', 'vanilla DL (beta = 1)', 'robust DL (beta = 0)', 'elastic DL (learned beta)'):
+        assert len(row(model, '## (b)')) == 7  # clean, noise, PGD, AA, worst case, time, best epoch
+    for model in ('conv twin', 'elastic DL (learned beta)'):
+        assert len(row(model, '## (c)')) == 6
+    # every model of every table has a row of check results
+    check_rows = [r for r in rows if r.startswith('| Fashion-MNIST |')]
+    assert len(check_rows) == 2 + 4 + 2  # natural x2, AT x4, best checkpoints of conv and elastic
+    assert all('missing' not in r for r in check_rows)
+    assert text.count('*What we see') >= 4
+    for png in ('illusion.png', 'edl_effect.png', 'robust_overfitting.png', 'beta.png'):
+        path = out_md.parent / 'results' / png
+        assert path.is_file() and path.stat().st_size > 1000, png
+        assert f'results/{png}' in text
+    # a second run finds everything cached and only rewrites the document
+    cached = tmp_path / 'cache' / 'fashion-mnist' / 'at_elastic_s0' / 'train.json'
+    before = cached.stat().st_mtime
+    assert pc.main(argv) == 0
+    assert cached.stat().st_mtime == before
