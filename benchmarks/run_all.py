@@ -125,7 +125,10 @@ def main(argv=None) -> int:
                 sys.stderr.write(done.stdout + done.stderr)
                 raise SystemExit(f'{cmd[0]} failed with exit code {done.returncode}')
             outputs.append((cmd, json.loads(json_path.read_text())))
-            sections.append(f'## {title}\n\n```\npython benchmarks/{" ".join(cmd)}\n```\n\n{done.stdout.strip()}\n')
+            # the temporary JSON path is an artefact of this driver, not part of the result
+            text = '\n'.join(line for line in done.stdout.strip().splitlines()
+                              if not line.startswith('results written to '))
+            sections.append(f'## {title}\n\n```\npython benchmarks/{" ".join(cmd)}\n```\n\n{text}\n')
     sections.insert(2, summary(outputs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text('\n'.join(sections))
