@@ -18,7 +18,9 @@ eps 8/255) and per seed:
     betas per layer and the training time;
 (c) robust overfitting: the same adversarial runs use a multistep learning-rate schedule and
     a robust validation on held-out training images after every epoch; the test PGD accuracy
-    of the best-validation checkpoint is compared with that of the last one;
+    of the best-validation checkpoint is compared with that of the last one; and separate long
+    runs (regime 'ro': conv twin, vanilla DL, elastic DL; the recipe of (b) on fewer images,
+    for more epochs, piecewise lr) where robust overfitting usually shows;
 (d) the gradient-masking checks of ``timm-edl eval`` for every evaluated model.
 
 Usage::
@@ -82,21 +84,34 @@ class Scale:
     grad_points: int
     grad_dirs: int
     naive_modes: tuple[str, ...] = ('truncate', 'bpda', 'one-step')
+    # (c) long adversarial runs on a small training set, for robust overfitting (regime 'ro')
+    ro_train_n_ex: int = 1000
+    ro_epochs: int = 30
+    ro_decay_milestones: tuple[int, ...] = (15, 25)
 
+
+# (c) long runs of the cpu scale: 1000 images, 40 epochs, lr x0.1 at 50 % and 75 % of the run (0-based epochs
+# 20 and 30, i.e. from epochs 21 and 31 on; the piecewise schedule of Rice et al. 2020). Sized by measuring: with
+# --jobs 2 on 2 idle cores an EDL run takes ~1.6 s (Fashion-MNIST) / ~2.1 s (CIFAR-10-JPEG) per epoch (300-image
+# PGD-10 validation included), the conv twin about half; the 18 trainings + 36 evaluations ~12 min wall.
+RO_N, RO_EPOCHS, RO_MILESTONES = 1000, 40, (20, 30)
+RO_MODELS = ('conv', 'vanilla', 'elastic')
 
 SCALES: dict[str, Scale] = {
     # seconds, for the test: the pipeline end to end, numbers meaningless
     'smoke': Scale(name='smoke', datasets=('fashion-mnist',), seeds=1, train_n_ex=128, epochs=2,
                    decay_milestones=(1,), elastic_from=1, natural_epochs=1, batch_size=64, lr=0.05, val_n_ex=32,
                    val_attack_steps=2, n_test=16, pgd_steps=3, noise_draws=2, aa_attacks='apgd-ce',
-                   check_n=16, grad_points=1, grad_dirs=4),
+                   check_n=16, grad_points=1, grad_dirs=4, ro_train_n_ex=128, ro_epochs=3,
+                   ro_decay_milestones=(2,)),
     # about 45 minutes with --jobs 2 on a 2-core CPU (measured: see docs/results.md for the actual time).
     # AutoAttack standard dominates the evaluation cost (APGD-T, FAB-T and Square iterate on every
     # point that survives), hence 100 test points.
     'cpu': Scale(name='cpu', datasets=('fashion-mnist', 'cifar10-jpeg'), seeds=3, train_n_ex=2000, epochs=10,
                  decay_milestones=(5, 8), elastic_from=2, natural_epochs=4, batch_size=64, lr=0.05, val_n_ex=300,
                  val_attack_steps=10, n_test=100, pgd_steps=20, noise_draws=10, aa_attacks=None,
-                 check_n=100, grad_points=4, grad_dirs=16),
+                 check_n=100, grad_points=4, grad_dirs=16, ro_train_n_ex=RO_N, ro_epochs=RO_EPOCHS,
+                 ro_decay_milestones=RO_MILESTONES),
 }
 
 DATASETS = {
@@ -115,7 +130,10 @@ MODELS = {
     'robust': ('robust DL (beta = 0)', ['--model-kwargs.edl_cfg', '{beta: 0.0, beta_learnable: false}']),
     'elastic': ('elastic DL (learned beta)', []),  # two-stage: --elastic-from-epoch set per scale
 }
-REGIMES = {'natural': ('conv', 'vanilla'), 'at': ('conv', 'vanilla', 'robust', 'elastic')}
+# 'ro': the long adversarial runs of (c) (same recipe as 'at', fewer images, more epochs)
+REGIMES = {'natural': ('conv', 'vanilla'), 'at': ('conv', 'vanilla', 'robust', 'elastic'),
+           'ro': RO_MODELS}
+REGIME_LABELS = {'natural': 'natural', 'at': 'PGD-AT', 'ro': 'PGD-AT long (c)'}
 COLORS = {'conv': 'tab:blue', 'vanilla': 'tab:orange', 'robust': 'tab:green', 'elastic': 'tab:red'}
 CHECKS = ('ordering', 'eps-sweep', 'pgd-steps-restarts', 'gradient', 'transfer', 'noise-vs-attack',
           'naive-vs-adaptive', 'autoattack-checks')
@@ -134,11 +152,13 @@ def _job_dir(out_dir: Path, ds: str, regime: str, model: str, seed: int) -> Path
 
 def train_spec(scale: Scale, ds: str, regime: str, model: str, seed: int) -> dict[str, Any]:
     """The training of one model: recipe + overrides (what ``timm-edl train`` gets)."""
-    epochs = scale.epochs if regime == 'at' else scale.natural_epochs
+    epochs = {'natural': scale.natural_epochs, 'at': scale.epochs, 'ro': scale.ro_epochs}[regime]
+    milestones = {'natural': [], 'at': list(scale.decay_milestones), 'ro': list(scale.ro_decay_milestones)}[regime]
+    n_ex = scale.ro_train_n_ex if regime == 'ro' else scale.train_n_ex
     overrides = [
-        '--train-n-ex', str(scale.train_n_ex), '--epochs', str(epochs), '--batch-size', str(scale.batch_size),
+        '--train-n-ex', str(n_ex), '--epochs', str(epochs), '--batch-size', str(scale.batch_size),
         '--lr', str(scale.lr), '--sched', 'multistep',
-        '--decay-milestones', json.dumps(list(scale.decay_milestones) if regime == 'at' else []),
+        '--decay-milestones', json.dumps(milestones),
         '--val-every', '1', '--val-split', 'holdout', '--val-n-ex', str(scale.val_n_ex),
         '--val-attack-steps', str(scale.val_attack_steps), '--seed', str(seed), '--num-workers', '0',
         '--progress', 'never', '--save-every-steps', '0', '--keep-checkpoints', '1',
@@ -157,7 +177,9 @@ def eval_specs(scale: Scale, ds: str, regime: str, model: str, seed: int) -> lis
       conv twin built from the model's own dictionaries (EDL models only);
     * natural training: one extra naive-only call per other naive mode;
     * adversarial conv / elastic: the best-validation checkpoint with noise + PGD + checks
-      (no AutoAttack), for the robust-overfitting table.
+      (no AutoAttack), for the robust-overfitting table;
+    * long runs of (c) (regime 'ro'): final and best-validation weights, each with noise + PGD +
+      checks (no AutoAttack, no naive attack).
     """
     eps = DATASETS[ds]['eps']
     sweep = DATASETS[ds]['sweep']
@@ -168,6 +190,11 @@ def eval_specs(scale: Scale, ds: str, regime: str, model: str, seed: int) -> lis
               '--grad-dirs', str(scale.grad_dirs), '--eps-sweep', sweep]
     aa = ['--aa-attacks', scale.aa_attacks] if scale.aa_attacks else ['--version', 'standard']
     surrogate = [] if model == 'conv' else ['--surrogate', 'twin']
+    light = (['--attacks', 'noise,pgd', '--pgd-steps', str(scale.pgd_steps), '--noise-draws',
+              str(scale.noise_draws)] + checks + surrogate + common)
+    if regime == 'ro':
+        return [{'name': 'final', 'weights': 'final', 'argv': light},
+                {'name': 'best', 'weights': 'best', 'argv': light}]
     main = (['--attacks', 'noise,pgd,autoattack', '--pgd-steps', str(scale.pgd_steps), '--noise-draws',
              str(scale.noise_draws), '--naive', '--naive-mode', scale.naive_modes[0]]
             + aa + checks + surrogate + common)
@@ -178,9 +205,7 @@ def eval_specs(scale: Scale, ds: str, regime: str, model: str, seed: int) -> lis
                           'argv': ['--attacks', 'clean', '--pgd-steps', str(scale.pgd_steps), '--naive',
                                    '--naive-mode', mode, '--no-checks'] + common})
     if regime == 'at' and model in ('conv', 'elastic'):
-        specs.append({'name': 'best', 'weights': 'best',
-                      'argv': ['--attacks', 'noise,pgd', '--pgd-steps', str(scale.pgd_steps), '--noise-draws',
-                               str(scale.noise_draws)] + checks + surrogate + common})
+        specs.append({'name': 'best', 'weights': 'best', 'argv': light})
     return specs
 
 
@@ -307,15 +332,16 @@ def plan(scale: Scale, seeds: int, out_dir: Path, datasets: Sequence[str]) -> li
                 for model in models:
                     d = _job_dir(out_dir, ds, regime, model, seed)
                     edl = 0.3 if model == 'conv' else 1.0
-                    epochs = scale.epochs if regime == 'at' else scale.natural_epochs
-                    per_epoch = 1.0 if regime == 'at' else 0.35
+                    epochs = {'natural': scale.natural_epochs, 'at': scale.epochs, 'ro': scale.ro_epochs}[regime]
+                    per_epoch = {'natural': 0.35, 'at': 1.0,
+                                 'ro': 0.4 + 0.6 * scale.ro_train_n_ex / scale.train_n_ex}[regime]
                     tkey = f'{ds}/{regime}/{model}/s{seed}/train'
                     jobs.append(Job(tkey, 'train', d, train_spec(scale, ds, regime, model, seed), d / 'train.json',
                                     ds_cost * edl * epochs * per_epoch))
                     for es in eval_specs(scale, ds, regime, model, seed):
                         spec = {'kind': 'eval', 'cache_version': CACHE_VERSION, **es}
                         aa_cost = 6.0 if (es['name'] == 'final' and regime == 'at') else 2.0
-                        cost = ds_cost * edl * (aa_cost if es['name'] == 'final' else 0.5)
+                        cost = ds_cost * edl * (aa_cost if es['name'] == 'final' and regime != 'ro' else 0.5)
                         jobs.append(Job(f"{ds}/{regime}/{model}/s{seed}/eval_{es['name']}", 'eval', d, spec,
                                         d / f"eval_{es['name']}.json", cost, after=tkey))
     return jobs
@@ -429,6 +455,7 @@ class Results:
         self.scale, self.seeds, self.out_dir, self.datasets = scale, seeds, out_dir, list(datasets)
         self.train: dict[tuple[str, str, str, int], dict[str, Any]] = {}
         self.evals: dict[tuple[str, str, str, int, str], dict[str, Any]] = {}
+        self.eval_seconds: dict[tuple[str, str, str, int, str], float] = {}
         self.missing: list[str] = []
         for job in plan(scale, seeds, out_dir, datasets):
             data = _read_cached(job.cache, job.spec)
@@ -440,6 +467,7 @@ class Results:
                 self.train[key] = data
             else:
                 self.evals[key + (what[len('eval_'):],)] = data['report']
+                self.eval_seconds[key + (what[len('eval_'):],)] = data['wall_seconds']
 
     def report(self, ds, regime, model, seed, name='final') -> dict[str, Any] | None:
         return self.evals.get((ds, regime, model, seed, name))
@@ -486,6 +514,11 @@ class Results:
             return 'passed' + partial
         return 'FAILED ' + ', '.join(f'{c} ({k}/{n})' for c, k in failed.items()) + partial
 
+    def worker_seconds(self, regime: str) -> float:
+        """Sum of the wall clock of every cached training and evaluation of ``regime``."""
+        return (sum(t['wall_seconds'] for k, t in self.train.items() if k[1] == regime)
+                + sum(w for k, w in self.eval_seconds.items() if k[1] == regime))
+
     def betas(self, ds, regime, model) -> dict[str, list[float]]:
         """Per EDL layer, the final beta of every seed (from the evaluation report)."""
         layers: dict[str, list[float]] = {}
@@ -495,11 +528,11 @@ class Results:
                 layers.setdefault(layer, []).append(beta)
         return layers
 
-    def curve(self, ds, model, column='eval_robust_top1') -> list[list[float]]:
-        """Per seed, the per-epoch value of a summary.csv column of the adversarial run."""
+    def curve(self, ds, model, column='eval_robust_top1', regime='at') -> list[list[float]]:
+        """Per seed, the per-epoch value of a summary.csv column of an adversarial run."""
         out = []
         for seed in range(self.seeds):
-            t = self.train.get((ds, 'at', model, seed))
+            t = self.train.get((ds, regime, model, seed))
             if t is not None:
                 out.append([r.get(column) for r in t['epochs']])
         return out
@@ -670,38 +703,95 @@ def effect_section(res: Results, ds: str) -> list[str]:
     return lines
 
 
-def overfitting_section(res: Results, ds: str) -> list[str]:
+def overfitting_section(res: Results, ds: str, regime: str = 'at', heading: str = '###') -> list[str]:
+    """The best-vs-last table of (c) for the short runs of (b) (``regime='at'``) or the long runs ('ro')."""
     label = DATASETS[ds]['label']
-    lines = [f'### {label}', '',
+    sc = res.scale
+    models = ('conv', 'elastic') if regime == 'at' else REGIMES['ro']
+    lines = [f'{heading} {label}', '',
              (f'| model | best val. epoch | val. robust acc., best epoch | val. robust acc., last epoch | '
-             f'test PGD-{res.scale.pgd_steps}, best checkpoint | test PGD-{res.scale.pgd_steps}, last checkpoint | '
+             f'test PGD-{sc.pgd_steps}, best checkpoint | test PGD-{sc.pgd_steps}, last checkpoint | '
              f'best minus last (test) |'),
              '|---|---:|---:|---:|---:|---:|---:|']
     summary = []
-    for model in ('conv', 'elastic'):
-        curves = res.curve(ds, model)
+    gaps: dict[str, tuple[float, str]] = {}
+    diffs: dict[str, list[float]] = {}
+    for model in models:
+        curves = res.curve(ds, model, regime=regime)
         best_val = [max(c) / 100 for c in curves]
         last_val = [c[-1] / 100 for c in curves]
-        best = res.values(ds, 'at', model, 'pgd', name='best')
-        last = res.values(ds, 'at', model, 'pgd', name='final')
+        best = res.values(ds, regime, model, 'pgd', name='best')
+        last = res.values(ds, regime, model, 'pgd', name='final')
         diff = ([b - la for b, la in zip(best, last)] if _complete(best, last) else [None])
-        lines.append(f"| {MODELS[model][0]} | {fmt_pm(res.values(ds, 'at', model, 'best_epoch'), 1.0)} | "
+        lines.append(f"| {MODELS[model][0]} | {fmt_pm(res.values(ds, regime, model, 'best_epoch'), 1.0)} | "
                      f"{fmt_pm(best_val)} | {fmt_pm(last_val)} | {fmt_pm(best)} | {fmt_pm(last)} | "
                      f"{fmt_pm(diff)} |")
         if _complete(best, last) and curves:
             m, s, word = _gap_text(best, last)
+            gaps[model] = (m, word)
+            diffs[model] = diff
             vm = mean_std([100 * (b - la) for b, la in zip(best_val, last_val)])[0]
-            summary.append(f"{MODELS[model][0]}: the best-validation checkpoint is {m:+.1f} ± {s:.1f} points "
-                           f"(test PGD) from the last one ({word}); on the validation curve the peak is "
-                           f"{vm:.1f} points above the last epoch")
-    lines += ['', (f"Validation: PGD-{res.scale.val_attack_steps} on {res.scale.val_n_ex} held-out training images "
-              f"after every epoch (selects `best/`). Test: the first {res.scale.n_test} test points, same attack "
-              f"as table (b). Accuracy in %."), '']
-    if summary:
-        lines += [f"*What we see ({label}, computed from the numbers above):* " + '; '.join(summary) + '. '
-                  "Robust overfitting shows as a best checkpoint clearly above the last one; a difference within "
-                  "the seed std means it is not visible at this scale.", '']
-    return lines
+            text = (f"{MODELS[model][0]}: the best-validation checkpoint is {m:+.1f} ± {s:.1f} points "
+                    f"(test PGD) from the last one ({word}); on the validation curve the peak is "
+                    f"{vm:.1f} points above the last epoch")
+            if regime == 'ro':
+                first = sc.ro_decay_milestones[0] if sc.ro_decay_milestones else None
+                epochs = [e for e in res.values(ds, regime, model, 'best_epoch') if e is not None]
+                if first is not None:
+                    after = sum(first + 1 <= e <= first + 2 for e in epochs)
+                    text += (f"; the best validation epoch is one of the two epochs right after the first lr "
+                             f"decay (epochs {first + 1}-{first + 2}) in {after} of {len(epochs)} seeds")
+            summary.append(text)
+    val_text = (f"Validation: PGD-{sc.val_attack_steps} on {sc.val_n_ex} held-out training images after every "
+                f"epoch (selects `best/`). Test: the first {sc.n_test} test points, ")
+    val_text += ("same attack as table (b). Accuracy in %." if regime == 'at' else
+                 f"adaptive PGD-{sc.pgd_steps} as in table (b) (no AutoAttack on these runs). Accuracy in %.")
+    lines += ['', val_text, '']
+    if not summary:
+        return lines + ['*What we see:* not all runs are finished; no summary.', '']
+    text = f"*What we see ({label}, computed from the numbers above):* " + '; '.join(summary) + '. '
+    if regime == 'ro' and len(gaps) == len(models):
+        shown = [MODELS[m][0] for m in models if gaps[m][0] > 0 and gaps[m][1].startswith('larger')]
+        not_shown = [MODELS[m][0] for m in models if MODELS[m][0] not in shown]
+        if shown:
+            text += (f"Robust overfitting (best checkpoint above the last by more than the seed std) shows for "
+                     f"{', '.join(shown)}" + (f", not for {', '.join(not_shown)}" if not_shown else '') + '. ')
+        else:
+            text += "Robust overfitting (best checkpoint above the last by more than the seed std) shows for no model. "
+        reverse = [MODELS[m][0] for m in models if gaps[m][0] < 0 and gaps[m][1].startswith('larger')]
+        if reverse:
+            text += (f"The last checkpoint is above the best-validation one by more than the seed std for "
+                     f"{', '.join(reverse)}: the epoch picked on the validation images did worse on the test "
+                     f"points. ")
+        fits = []
+        for m in models:
+            tr = [c[-1] for c in res.curve(ds, m, 'train_robust_top1', regime='ro') if c]
+            va = [c[-1] for c in res.curve(ds, m, regime='ro') if c]
+            if tr and va and all(isinstance(v, float) for v in tr + va):
+                fits.append(f"{MODELS[m][0]} {mean_std(tr)[0]:.1f} % vs {mean_std(va)[0]:.1f} %")
+        if fits:
+            text += ("Training vs validation robust accuracy at the last epoch (training: PGD-3 on the augmented "
+                     "batches; validation: PGD-10): " + ', '.join(fits) + ". ")
+        if 'elastic' in diffs and 'conv' in diffs:
+            g, sd, word = _gap_text(diffs['elastic'], diffs['conv'])
+            text += (f"Elastic DL's best-minus-last gap minus the conv twin's: {g:+.1f} ± {sd:.1f} points "
+                     f"({word}). ")
+        text += "A difference within the seed std means the effect is not separable from noise at this scale."
+    else:
+        text += ("Robust overfitting shows as a best checkpoint clearly above the last one; a difference within "
+                 "the seed std means it is not visible at this scale.")
+    return lines + [text, '']
+
+
+def _ro_wall_text(res: Results, meta: dict[str, Any]) -> str:
+    """The wall time of the long runs of (c): invocations that ran only those jobs, and worker time."""
+    only = [r for r in meta.get('invocations', []) if r.get('jobs_run', 0) > 0 and r.get('regimes') == ['ro']]
+    worker = res.worker_seconds('ro') / 60
+    if only:
+        return (f"{sum(r['wall_seconds'] for r in only) / 60:.1f} min wall with --jobs "
+                f"{only[-1].get('jobs', '?')} (the invocation(s) that ran only these jobs), "
+                f"{worker:.1f} worker-minutes in trainings and evaluations")
+    return f"{worker:.1f} worker-minutes in trainings and evaluations (run together with other jobs)"
 
 
 def checks_section(res: Results) -> list[str]:
@@ -711,7 +801,8 @@ def checks_section(res: Results) -> list[str]:
     for ds in res.datasets:
         for regime, models in REGIMES.items():
             for model in models:
-                names = ['final'] + (['best'] if regime == 'at' and model in ('conv', 'elastic') else [])
+                names = ['final'] + (['best'] if regime == 'ro' or (regime == 'at' and model in ('conv', 'elastic'))
+                                     else [])
                 for name in names:
                     cells = []
                     any_failed = False
@@ -726,14 +817,15 @@ def checks_section(res: Results) -> list[str]:
                         any_failed |= 'failed' in statuses
                     if any_failed:
                         n_failed += 1
-                        failed_models.append(f"{DATASETS[ds]['label']}, {'natural' if regime == 'natural' else 'PGD-AT'}, "
+                        failed_models.append(f"{DATASETS[ds]['label']}, {REGIME_LABELS[regime]}, "
                                              f"{MODELS[model][0]} ({name} weights)")
-                    lines.append(f"| {DATASETS[ds]['label']} | {'natural' if regime == 'natural' else 'PGD-AT'} | "
+                    lines.append(f"| {DATASETS[ds]['label']} | {REGIME_LABELS[regime]} | "
                                  f"{MODELS[model][0]} | {name} | " + ' | '.join(cells) + ' |')
     lines += ['', ("Per check: `passed k/n` over the n seeds, `FAILED sX` names the seeds where it failed, "
               "`warning` counts warnings (passed, with a remark in the report). `transfer` runs for EDL models "
               "only (surrogate: the conv twin built from the model's dictionaries); `naive-vs-adaptive` needs "
-              "the naive attack (final weights only); `autoattack-checks` needs AutoAttack (final weights only)."),
+              "the naive attack and `autoattack-checks` AutoAttack, run on the final weights of (a) and (b) only "
+              "(not on best checkpoints nor on the long runs of (c))."),
               '']
     if failed_models:
         lines.append(f"*What we see:* {n_failed} of the evaluated models failed at least one check in at least "
@@ -811,6 +903,41 @@ def make_plots(res: Results, plot_dir: Path, rel: str) -> dict[str, str]:
     fig.savefig(plot_dir / 'edl_effect.png', dpi=110)
     plt.close(fig)
     out['edl_effect'] = f'{rel}/edl_effect.png'
+
+    fig, axes = plt.subplots(1, len(dss), figsize=(6 * len(dss), 4), squeeze=False)
+    for ax, ds in zip(axes[0], dss):
+        for model in REGIMES['ro']:
+            for column, style, alpha, what in (('eval_robust_top1', '-', 1.0, 'validation'),
+                                               ('train_robust_top1', ':', 0.6, 'training')):
+                curves = [c for c in res.curve(ds, model, column, regime='ro')
+                          if c and all(isinstance(v, float) for v in c)]
+                if not curves:
+                    continue
+                n_ep = min(len(c) for c in curves)
+                stats = [mean_std([c[e] for c in curves]) for e in range(n_ep)]
+                xs = list(range(1, n_ep + 1))
+                m = [s[0] for s in stats]
+                ax.plot(xs, m, ls=style, marker='o' if what == 'validation' else None, ms=3, alpha=alpha,
+                        lw=2 if what == 'validation' else 1, color=COLORS[model],
+                        label=f"{MODELS[model][0]}, {what}")
+                if what == 'validation':
+                    sd = [s[1] for s in stats]
+                    ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
+                                    alpha=0.15, color=COLORS[model])
+        for ms in res.scale.ro_decay_milestones:
+            ax.axvline(ms + 0.5, color='gray', ls='--', lw=0.8)
+        ax.axvline(res.scale.elastic_from + 0.5, color='green', ls=':', lw=0.8)
+        ax.set_xlabel('epoch (dashed: lr x0.1; dotted: elastic DL releases beta)')
+        ax.set_ylabel('PGD accuracy (%)')
+        ax.set_title(f"{DATASETS[ds]['label']}: {res.scale.ro_train_n_ex} training images", fontsize=10)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f'(c) long runs: robust accuracy per epoch (validation PGD-{res.scale.val_attack_steps}, '
+                 f'mean ± std over {res.seeds} seeds; training PGD-3 on the batches, mean)', fontsize=10)
+    fig.tight_layout()
+    fig.savefig(plot_dir / 'robust_overfitting_long.png', dpi=110)
+    plt.close(fig)
+    out['robust_overfitting_long'] = f'{rel}/robust_overfitting_long.png'
 
     for column, name, ylabel, key in (('eval_robust_top1', 'robust_overfitting.png', 'validation PGD accuracy (%)',
                                        'robust_overfitting'),
@@ -897,6 +1024,7 @@ def write_markdown(res: Results, out_md: Path, meta: dict[str, Any], command: st
     ds_text = ' and '.join(f"{DATASETS[d]['label']} (Linf eps {DATASETS[d]['eps']})" for d in res.datasets)
     aa = (f"AutoAttack version custom ({sc.aa_attacks})" if sc.aa_attacks else
           "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square; pyautoattack)")
+    ro_models = ', '.join(MODELS[m][0] for m in REGIMES['ro'])
     lines = [MARKER, '', '# Results: the paper\'s claims at CPU scale', '',
              (f"Reproduces the claims of Hou et al., arXiv:2502.00834 (robustness illusion of vanilla dictionary "
              f"learning; elastic DL under adversarial training; robust overfitting; gradient-masking checks) on "
@@ -922,6 +1050,9 @@ def write_markdown(res: Results, out_md: Path, meta: dict[str, Any], command: st
               f"on CIFAR-10-JPEG), {sc.epochs} epochs, batch {sc.batch_size}, SGD lr {sc.lr} momentum 0.9 wd 5e-4, "
               f"lr x0.1 at epochs {', '.join(str(m + 1) for m in sc.decay_milestones)} (1-based: from that epoch "
               f"on); validation PGD-{sc.val_attack_steps} after every epoch selects `best/` |"),
+              (f"| long adversarial training (c) | same as (b) on the first {sc.ro_train_n_ex} training images "
+               f"(same held-out validation), {sc.ro_epochs} epochs, lr x0.1 at epochs "
+               f"{', '.join(str(m + 1) for m in sc.ro_decay_milestones)}; models: {ro_models}; no AutoAttack |"),
               (f"| natural training (a) | {sc.natural_epochs} epoch{'s' if sc.natural_epochs > 1 else ''}, same data, "
               f"batch and optimiser, constant lr; no adversarial examples |"),
               (f"| beta | vanilla: beta = 1 fixed for the whole run; robust: beta = 0 fixed; elastic: two-stage, "
@@ -962,16 +1093,32 @@ def write_markdown(res: Results, out_md: Path, meta: dict[str, Any], command: st
         lines += effect_section(res, ds)
     lines += [f"![EDL effect]({plots['edl_effect']})", '', f"![beta during training]({plots['beta']})", '']
     lines += ['## (c) Robust overfitting: best vs last checkpoint', '',
-              (f"The adversarial runs of (b) (no separate run): a multistep schedule ({sc.epochs} epochs, lr x0.1 at "
-              f"epochs {', '.join(str(m + 1) for m in sc.decay_milestones)}) with a robust validation after every "
-              f"epoch. `best/` is the epoch with the highest validation PGD accuracy."), '']
+              ("Robust overfitting (Rice et al. 2020): in adversarial training with a piecewise learning rate, the "
+               "test robust accuracy peaks shortly after the first lr decay and then falls, so the last checkpoint "
+               "is below the best one. Every run below has a robust validation after every epoch; `best/` is the "
+               "epoch with the highest validation PGD accuracy."), '',
+              '### Short runs: the adversarial runs of (b)', '',
+              (f"No separate run: a multistep schedule ({sc.epochs} epochs, lr x0.1 at "
+              f"epochs {', '.join(str(m + 1) for m in sc.decay_milestones)}) on {sc.train_n_ex} images."), '']
     for ds in res.datasets:
-        lines += overfitting_section(res, ds)
-    lines += [f"![robust overfitting]({plots['robust_overfitting']})", '']
+        lines += overfitting_section(res, ds, 'at', '####')
+    lines += [f"![robust overfitting]({plots['robust_overfitting']})", '',
+              '### Long runs on a small training set', '',
+              (f"Separate runs ({ro_models}), where robust overfitting usually shows: the recipe of (b) (PGD-3 "
+               f"training, batch {sc.batch_size}, SGD lr {sc.lr}, elastic DL two-stage with beta frozen at 1 for "
+               f"epochs 1-{sc.elastic_from}) on only the first {sc.ro_train_n_ex} training images (the same "
+               f"{sc.val_n_ex} held-out validation images), for {sc.ro_epochs} epochs with lr x0.1 at epochs "
+               f"{', '.join(str(m + 1) for m in sc.ro_decay_milestones)} (1-based: from that epoch on). "
+               f"Both the best-validation and the last checkpoint are evaluated on the same test points. "
+               f"Cost of this part: {_ro_wall_text(res, meta)}."), '']
+    for ds in res.datasets:
+        lines += overfitting_section(res, ds, 'ro', '####')
+    lines += [f"![robust overfitting, long runs]({plots['robust_overfitting_long']})", '']
     lines += ['## (d) Gradient-masking checks of every evaluated model', '']
     lines += checks_section(res)
     lines += ['## Limits', '',
-              (f"* Scale: {sc.train_n_ex} training images, {sc.epochs} epochs and an 80k-parameter network; the paper "
+              (f"* Scale: {sc.train_n_ex} training images, {sc.epochs} epochs (the long runs of (c): "
+              f"{sc.ro_train_n_ex} images, {sc.ro_epochs} epochs) and an 80k-parameter network; the paper "
               f"trains ResNet-18 / WideResNets for 200 epochs on the full data. Effects that need capacity or long "
               f"training may not appear here, and effects seen here may not survive at full scale."),
               (f"* {sc.n_test} test points: one point is {100 / sc.n_test:.1f} % of accuracy; the seed std in "
@@ -1091,11 +1238,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         jobs = plan(scale, seeds, out_dir, datasets)
         try:
+            regimes_todo = sorted({j.key.split('/')[1] for j in jobs if _read_cached(j.cache, j.spec) is None})
             n_run, n_failed = run_jobs(jobs, args.jobs, log)
         except CacheMismatch as e:
             raise SystemExit(f"paper_claims: {e}") from None
         meta['invocations'].append({'started': stamp, 'wall_seconds': time.time() - started, 'jobs_run': n_run,
                                     'jobs_failed': n_failed, 'jobs': args.jobs, 'argv': argv,
+                                    'regimes': regimes_todo,
                                     'commit_at_start': commit_at_start, 'commit_at_end': _git_commit()})
         meta['jobs'] = args.jobs
         _write_json(meta_path, meta)

@@ -88,12 +88,23 @@ def test_smoke_run_writes_every_table_with_finite_numbers(tmp_path, monkeypatch)
         assert len(row(model, '## (b)')) == 7  # clean, noise, PGD, AA, worst case, time, best epoch
     for model in ('conv twin', 'elastic DL (learned beta)'):
         assert len(row(model, '## (c)')) == 6
+    # (c), long runs on a small training set: best epoch, val best / last, test best / last, best - last
+    long_runs = '### Long runs on a small training set'
+    assert long_runs in text
+    for model in ('conv twin', 'vanilla DL (beta = 1)', 'elastic DL (learned beta)'):
+        assert len(row(model, long_runs)) == 6
+    assert 'Cost of this part: ' in text and 'worker-minutes' in text
+    long_text = text.split(long_runs, 1)[1].split('## (d)', 1)[0]
+    assert '*What we see (Fashion-MNIST' in long_text and 'Robust overfitting' in long_text
     # every model of every table has a row of check results
     check_rows = [r for r in rows if r.startswith('| Fashion-MNIST |')]
-    assert len(check_rows) == 2 + 4 + 2  # natural x2, AT x4, best checkpoints of conv and elastic
+    # natural x2, AT x4, best checkpoints of conv and elastic, final + best of each long run
+    assert len(check_rows) == 2 + 4 + 2 + 2 * len(pc.REGIMES['ro'])
+    assert sum('| PGD-AT long (c) |' in r for r in check_rows) == 2 * len(pc.REGIMES['ro'])
     assert all('missing' not in r for r in check_rows)
-    assert text.count('*What we see') >= 4
-    for png in ('illusion.png', 'edl_effect.png', 'robust_overfitting.png', 'beta.png'):
+    assert text.count('*What we see') >= 5
+    for png in ('illusion.png', 'edl_effect.png', 'robust_overfitting.png', 'robust_overfitting_long.png',
+                'beta.png'):
         path = out_md.parent / 'results' / png
         assert path.is_file() and path.stat().st_size > 1000, png
         assert f'results/{png}' in text
