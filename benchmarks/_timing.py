@@ -24,6 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from timm_edl.runtime import keep_freed_memory
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
 
@@ -71,6 +73,7 @@ def machine_info(threads: int, device: str, note: str = '') -> Dict[str, Any]:
         usable = os.cpu_count()
     info: Dict[str, Any] = {
         'cpu': _cpu_model(),
+        'malloc_tuned': keep_freed_memory(),
         'logical_cores': os.cpu_count(),
         'usable_cores': usable,
         'torch': torch.__version__,
@@ -101,6 +104,8 @@ def header_line(info: Dict[str, Any]) -> str:
         parts.append(f"timm_edl @ {info['commit']}" + (' + local changes' if info.get('timm_edl_modified') else ''))
     if info.get('load_average_start') is not None:
         parts.append('load avg (1/5/15 min) at start: ' + '/'.join(str(v) for v in info['load_average_start']))
+    parts.append('malloc: freed blocks kept for reuse (timm_edl.runtime)' if info.get('malloc_tuned')
+                 else 'malloc: platform default')
     if info.get('note'):
         parts.append(f"note: {info['note']}")
     return '**Machine** - ' + ' | '.join(parts)

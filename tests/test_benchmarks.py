@@ -188,3 +188,14 @@ def test_run_all_quick_writes_report_with_summary(tmp_path):
     for r in rows:
         ratio = float(r.split('|')[3])
         assert math.isfinite(ratio) and ratio > 0, r
+
+
+def test_allocator_tuning_is_on_by_default_and_can_be_opted_out():
+    """glibc: the timm-edl process keeps freed activation buffers; TIMM_EDL_MALLOC_TUNING=0 opts out."""
+    code = 'from timm_edl.runtime import keep_freed_memory as k; print(k(), k())'
+    for env_value, expected in (('1', 'True True'), ('0', 'False False')):
+        env = dict(os.environ, TIMM_EDL_MALLOC_TUNING=env_value)
+        out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        if sys.platform.startswith('linux') and os.path.exists('/lib/x86_64-linux-gnu/libc.so.6'):
+            assert out.stdout.split() == expected.split()
