@@ -81,7 +81,9 @@ def test_there_are_recipes():
                    'edlnet_resnet18_cifar100_pgd', 'edlnet_resnet18_in_tinyimagenet_pgd',
                    'edlnet_wrn28_10_cifar10_pgd', 'edlnet_wrn34_10_cifar10_trades',
                    'edlnet_resnet18_cifar10_convert_finetune', 'edlnet_resnet18_imagefolder_finetune',
-                   'cpu_fashion_mnist_pgd', 'cpu_cifar10_jpeg_pgd'):
+                   'cpu_fashion_mnist_pgd', 'cpu_cifar10_jpeg_pgd', 'edlnet_resnet18_cifar10_pgd_awp',
+                   'edlnet_resnet18_cifar10_trades_awp', 'resnet18_conv_cifar10_pgd_awp',
+                   'resnet18_conv_cifar10_trades_awp'):
         assert needed in names, needed
     assert TIMM_RECIPES
 
@@ -120,6 +122,22 @@ def test_paper_scale_recipes_use_the_two_stage_schedule():
             assert cfg.elastic_from_epoch == 150, path.stem
             assert (cfg.opt, cfg.lr, cfg.momentum) == ('sgd', 0.1, 0.9), path.stem
             assert cfg.eps == pytest.approx(8 / 255) and cfg.attack_step_size in (None, pytest.approx(2 / 255))
+
+
+def test_awp_recipes_perturb_weights_with_the_published_settings():
+    """AWP (Wu et al. 2020): PGD-AT with gamma 0.01 and no warm-up, TRADES with gamma 0.005 after
+    10 epochs (the AWP authors' CIFAR-10 settings); every other key as in the recipe without AWP."""
+    awp = [p for p in RECIPES if p.stem.endswith('_awp')]
+    assert len(awp) == 4
+    for path in awp:
+        cfg = config_to_dict(load_config(path))
+        expected = {'pgd': (0.01, 0), 'trades': (0.005, 10)}[cfg['objective']]
+        assert (cfg['awp_gamma'], cfg['awp_warmup']) == expected, path.stem
+        plain = config_to_dict(load_config(path.with_name(path.stem[:-len('_awp')] + '.yaml')))
+        for d in (cfg, plain):
+            for key in ('output', 'awp_gamma', 'awp_warmup'):
+                d.pop(key)
+        assert cfg == plain, path.stem
 
 
 @pytest.mark.parametrize('path', [p for p in RECIPES if '_conv_' in p.stem], ids=lambda p: p.stem)

@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 OBJECTIVES = ('natural', 'pgd', 'trades', 'mart', 'fast')
+AWP_OBJECTIVES = ('pgd', 'trades')             # objectives with an awp_gamma option
 NORMS = ('Linf', 'L2')
 CRAFT_BN_MODES = ('eval', 'train')
 MIXED_PRECISION = ('no', 'bf16', 'fp16')
@@ -70,6 +71,8 @@ class TrainConfig:
     trades_beta: float = 6.0
     mart_beta: float = 6.0
     craft_bn: str = 'eval'                    # BN while crafting: eval (running stats) | train (batch stats)
+    awp_gamma: float = 0.0                    # AWP (Wu et al. 2020) weight perturbation size, relative per layer; 0: off
+    awp_warmup: int = 0                       # epochs before AWP starts
     # ---------------------------------------------------------------- optimisation (timm)
     epochs: int = 200
     opt: str = 'sgd'
@@ -243,6 +246,11 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"val_n_ex must be >= 0, got {cfg.val_n_ex}")
     if cfg.elastic_from_epoch is not None and cfg.elastic_from_epoch < 0:
         raise ConfigError(f"elastic_from_epoch must be >= 0 (or null), got {cfg.elastic_from_epoch}")
+    if cfg.awp_gamma < 0 or cfg.awp_warmup < 0:
+        raise ConfigError(f"awp_gamma and awp_warmup must be >= 0, got {cfg.awp_gamma}, {cfg.awp_warmup}")
+    if cfg.awp_gamma > 0 and cfg.objective not in AWP_OBJECTIVES:
+        raise ConfigError(f"awp_gamma > 0 (adversarial weight perturbation) is supported for objectives "
+                          f"{', '.join(AWP_OBJECTIVES)}, not {cfg.objective!r}")
     if cfg.objective == 'fast' and cfg.norm != 'Linf':
         raise ConfigError("objective 'fast' (FGSM-RS) is defined for norm Linf only")
     if cfg.objective in ('pgd', 'trades', 'mart') and cfg.attack_steps < 1:

@@ -62,6 +62,7 @@ from ..attacks import accuracy_under_attack, pgd_attack
 from ..convert import EDL_DEFAULTS, convert_to_edl
 from ..layers.edl import edl_layers, set_beta_mode
 from .config import RUNTIME_KEYS, ConfigError, TrainConfig, config_diff, save_config
+from .awp import perturb_weights
 from .objectives import craft, needs_clean_forward, training_loss
 
 __all__ = ['train', 'TrainResult', 'TrainState', 'RunDirError', 'build_model', 'param_groups',
@@ -735,9 +736,17 @@ def _train(cfg: TrainConfig, *, resume: Union[None, bool, str], overwrite: bool)
                     x_in = craft(cfg.objective, raw, x, y, eps=eps, norm=cfg.norm, steps=cfg.attack_steps,
                                  step_size=cfg.attack_step_size, fast_alpha=cfg.fast_alpha,
                                  craft_bn=cfg.craft_bn, generator=attack_gen)
+                    awp = None
+                    if cfg.awp_gamma > 0 and epoch >= cfg.awp_warmup:  # AWP: the loss at w + v (awp.py)
+                        with accelerator.autocast():
+                            awp = perturb_weights(raw, lambda m: training_loss(
+                                cfg.objective, m, x, x_in, y, trades_beta=cfg.trades_beta,
+                                mart_beta=cfg.mart_beta)[0], cfg.awp_gamma)
                     loss, logits = training_loss(cfg.objective, model, x, x_in, y, trades_beta=cfg.trades_beta,
                                                  mart_beta=cfg.mart_beta)
                     accelerator.backward(loss)
+                    if awp is not None:
+                        awp.restore()  # w exactly, before the optimizer step
                     if accelerator.sync_gradients:
                         if extra_params:  # e.g. beta released after DDP wrapped the model
                             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in extra_params]
