@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # One BLAS thread per pytest worker: two workers on the 2-core CI machine.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install data test test-slow bench demo results clean
+.PHONY: install data test test-slow bench demo results release-gpu-prepare release-gpu release-gpu-rehearsal clean
 
 # Debian's Fashion-MNIST (full, lossless) for the data tests; needs root + apt.
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -46,6 +46,21 @@ demo: $(BIN)/.installed
 # docs/results.md + docs/results/*.png (see experiments/README.md).
 results: $(BIN)/.installed data
 	$(BIN)/python experiments/paper_claims.py --jobs 2
+
+# One CUDA GPU, a time budget: fast AT of edlnet_resnet18 + conv twin, evaluation, Hub-ready exports and
+# runs/release-<date>-<time>/release.json (experiments/release_gpu.py). release-gpu-prepare (here, with
+# network) puts the pyautoattack wheel in .whl/ and the CIFAR-10-JPEG archives in .data/; the device
+# machine runs `bash experiments/release_gpu.sh --budget-min 9` with carry [".whl", ".data"].
+# release-gpu-rehearsal: the same bootstrap end to end on this CPU at toy size.
+RELEASE_ARGS ?= --device cuda --budget-min 9
+release-gpu-prepare: $(BIN)/.installed
+	PYTHON=$(BIN)/python bash experiments/release_gpu.sh --prepare
+
+release-gpu:
+	bash experiments/release_gpu.sh $(RELEASE_ARGS)
+
+release-gpu-rehearsal: release-gpu-prepare
+	OMP_NUM_THREADS=1 PYTHON=$(BIN)/python RELEASE_SITE=/tmp/timm-edl-rehearsal bash experiments/release_gpu.sh --device cpu --toy
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,180 @@
+"""The GPU release path (experiments/release_gpu.py) on the CPU: the whole command at toy size,
+bf16 autocast dtypes, no host synchronisation in the training step, the on-device data path
+and the environment check of the bootstrap."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import timm
+import timm_edl  # noqa: F401  (registers edlnet_*)
+from timm_edl import EDLConv2d
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / 'experiments' / 'release_gpu.py'
+CIFAR10_JPEG_DIR = REPO_ROOT.parent / 'shared' / 'data' / 'cifar10-jpeg'
+
+
+def _release():
+    spec = importlib.util.spec_from_file_location('release_gpu', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+R = _release()
+
+
+def _toy_model(edl_layers='default'):
+    torch.manual_seed(0)
+    return timm.create_model('edlnet_resnet18', num_classes=10, widths=(8, 16, 32, 64), edl_layers=edl_layers,
+                             edl_cfg=dict(power_iters=5)).to(memory_format=torch.channels_last)
+
+
+def _batch(n=8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+    return x, torch.randint(0, 10, (n,), generator=g)
+
+
+class _Recorder(TorchDispatchMode):
+    """Every aten op's output dtypes, and the ops that read device values on the host
+    (``item``/``float()``/``bool()`` go through ``_local_scalar_dense``; ``nonzero`` and
+    ``masked_select`` have data-dependent shapes) with the Python stack that called them."""
+
+    SYNCS = ('aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select')
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = {}
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        if name.startswith(self.SYNCS):
+            self.syncs.append((name, ''.join(traceback.format_stack(limit=40))))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.dtypes.setdefault(t.dtype, set()).add(name)
+        return out
+
+
+def test_edl_layer_under_bf16_autocast_on_cpu():
+    layer = EDLConv2d(8, 16, 3, padding=1, num_steps=2, beta=0.5, lam=0.1)
+    x = torch.rand(4, 8, 16, 16, requires_grad=True)
+    with _Recorder() as rec, torch.autocast('cpu', dtype=torch.bfloat16):
+        z = layer(x)
+        z.float().square().mean().backward()
+    assert z.dtype == torch.bfloat16 and torch.isfinite(z.float()).all()
+    assert torch.float64 not in rec.dtypes, rec.dtypes.get(torch.float64)
+    assert layer.lipschitz.dtype == torch.float32 and layer.power_vector.dtype == torch.float32
+    for p in (layer.weight, layer.beta, x):
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize('edl_layers', ['default', 'none'])
+def test_train_step_under_bf16_autocast_keeps_dtypes_and_does_not_synchronise(edl_layers):
+    model = _toy_model(edl_layers).train()
+    optimizer = R.make_optimizer(model, 0.05)
+    autocast = R.autocast_context(torch.device('cpu'), 'bf16')
+    x, y = _batch()
+    gen = torch.Generator().manual_seed(1)
+    kwargs = dict(eps=8 / 255, alpha=10 / 255, generator=gen, autocast=autocast)
+    R.fgsm_rs_step(model, model, optimizer, x, y, **kwargs)  # first step: every EDL layer computes L cold
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with _Recorder() as rec:
+        loss, hits = R.fgsm_rs_step(model, model, optimizer, x, y, **kwargs)
+    # dtypes: bf16 compute, float32 parameters, gradients and loss; nothing in float64
+    assert torch.float64 not in rec.dtypes, sorted(rec.dtypes.get(torch.float64, ()))
+    assert torch.bfloat16 in rec.dtypes
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and 0 <= int(hits) <= len(y)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
+    # host synchronisation: none, except the EDL layers' step-size refresh after the weight update
+    outside = [stack for name, stack in rec.syncs if 'timm_edl/layers/edl.py' not in stack]
+    assert not outside, outside[0]
+    if edl_layers == 'none':
+        assert not rec.syncs
+
+
+def test_device_data_crops_and_flips_match_a_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8)
+    data = R.DeviceData(images, torch.arange(6), torch.device('cpu'), pad=2, channels_last=True)
+    index = torch.tensor([4, 1, 5])
+    x, y = data.batch(index, torch.Generator().manual_seed(3))
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, index)
+    # replay the draws: offsets in [0, 2 pad], then the flips
+    rg = torch.Generator().manual_seed(3)
+    dy, dx = torch.randint(0, 5, (3,), generator=rg), torch.randint(0, 5, (3,), generator=rg)
+    flip = torch.rand(3, generator=rg) < 0.5
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for k, i in enumerate(index.tolist()):
+        crop = padded[i, :, dy[k]:dy[k] + 8, dx[k]:dx[k] + 8]
+        crop = crop.flip(-1) if flip[k] else crop
+        assert torch.equal(x[k], crop.float() / 255)
+    plain, _ = data.batch(index, None, augment=False)
+    assert torch.equal(plain, images[index].float() / 255)
+
+
+def test_cyclic_lr_schedule():
+    assert R.cyclic_lr(0.0, 0.4) == 0.0
+    assert R.cyclic_lr(0.4, 0.4) == pytest.approx(0.4)
+    assert R.cyclic_lr(0.2, 0.4) == pytest.approx(0.2)
+    assert R.cyclic_lr(1.0, 0.4) == pytest.approx(0.0)
+
+
+def test_environment_check(capsys):
+    assert R.main(['--check-env', '--device', 'cpu']) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert R._version_tuple(env['versions']['torch']) >= (2, 11)
+    assert env['versions']['pyautoattack']
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match='CUDA is not available'):
+            R.main(['--check-env', '--device', 'cuda'])
+    assert R._version_tuple('2.11.0+cu130') == (2, 11, 0) and R._version_tuple('1.0.31.dev0') == (1, 0, 31)
+
+
+def test_toy_release_run_on_cpu(tmp_path):
+    """The release command end to end at toy size: two epochs (vanilla, then elastic) of fast AT
+    for both models under bf16 autocast, evaluation, exports, release.json."""
+    if not (CIFAR10_JPEG_DIR / 'train.tar.gz').is_file():
+        if os.environ.get('CI'):
+            pytest.fail(f'CIFAR-10-JPEG archives missing: {CIFAR10_JPEG_DIR}')
+        pytest.skip(f'no CIFAR-10-JPEG archives at {CIFAR10_JPEG_DIR}')
+    out = tmp_path / 'release'
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO_ROOT))
+    cmd = [sys.executable, str(SCRIPT), '--device', 'cpu', '--toy', '--epochs', '2', '--out', str(out),
+           '--data-dir', str(CIFAR10_JPEG_DIR)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / 'release.json').read_text())
+    assert report['dataset']['display_name'] == 'CIFAR-10-JPEG' and report['settings']['amp'] == 'bf16'
+    edl, twin = report['models']['edlnet'], report['models']['conv_twin']
+    assert edl['epochs_done'] == twin['epochs_done'] == 2
+    assert [r['stage'] for r in edl['history']] == ['vanilla', 'elastic']
+    assert [r['stage'] for r in twin['history']] == ['none', 'none']
+    for m in (edl, twin):
+        assert m['train_images_per_s'] > 0 and m['eval_full']['pgd20_images_per_s'] > 0
+        assert m['eval_full']['n_ex'] == 64 and 0 <= m['eval_full']['pgd20_acc'] <= m['eval_full']['clean_acc']
+        if report['autoattack_n']:
+            assert m['eval_autoattack']['autoattack_acc'] is not None
+        folder = Path(m['export'])
+        assert {'model.safetensors', 'config.json', 'README.md'} <= {p.name for p in folder.iterdir()}
+        loaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        from timm_edl.hub import state_dict_digest
+        assert state_dict_digest(loaded) == m['eval_full']['weights_digest']
+        assert 'CIFAR-10-JPEG' in (folder / 'README.md').read_text()
+    assert report['calibration']['edlnet']['train_images_per_s'] > 0
