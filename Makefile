@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # One BLAS thread per pytest worker: two workers on the 2-core CI machine.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install data test test-slow bench demo results release-gpu-prepare release-gpu release-gpu-rehearsal clean
+.PHONY: install data test test-slow bench demo results bench-h200-estimate release-gpu-prepare release-gpu release-gpu-rehearsal clean
 
 # Debian's Fashion-MNIST (full, lossless) for the data tests; needs root + apt.
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -34,6 +34,12 @@ test-slow: $(BIN)/.installed
 # Speed/memory ratios measured in one run (see benchmarks/README.md); tables go to stdout.
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/run_all.py --out docs/performance.md
+
+# The H200 estimate section of docs/performance.md (about 30 s; benchmarks/estimate_h200.py):
+# written to docs/performance_h200.md and appended to docs/performance.md without re-running make bench.
+bench-h200-estimate: $(BIN)/.installed
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/estimate_h200.py --threads 1 --out docs/performance_h200.md
+	$(BIN)/python benchmarks/run_all.py --includes-only --out docs/performance.md
 
 # The main job: train + evaluate + export an EDLNet and its conv twin on the embedded
 # Fashion-MNIST subset (a few minutes on 2 CPU cores), into a new runs/demo-<date>-<time>/.

@@ -18,6 +18,27 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+#: Sections that their own command writes into their own file; the report ends with each of them,
+#: verbatim, so that regenerating the report keeps them (``--includes-only`` re-appends them to an
+#: existing report without running any benchmark).
+INCLUDES = (
+    (ROOT / 'docs' / 'performance_h200.md',
+     'python benchmarks/estimate_h200.py --threads 1 --out docs/performance_h200.md'),
+)
+_INCLUDE_MARK = '<!-- appended by benchmarks/run_all.py from '
+
+
+def with_includes(report: str, includes=INCLUDES) -> str:
+    """``report`` without any previously appended include, followed by every include file present."""
+    text = report.split(_INCLUDE_MARK, 1)[0].rstrip('\n') + '\n'
+    for path, command in includes:
+        path = Path(path)
+        if path.is_file():
+            name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+            text += (f'\n{_INCLUDE_MARK}{name}, written by `{command}`; edit or regenerate that file, '
+                     f'not this section -->\n\n{path.read_text().strip()}\n')
+    return text
+
 
 def runs(threads: int, quick: bool):
     common = ['--threads', str(threads)] + (['--quick'] if quick else [])
@@ -109,7 +130,14 @@ def main(argv=None) -> int:
     p.add_argument('--out', default=str(ROOT / 'docs' / 'performance.md'))
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--quick', action='store_true')
+    p.add_argument('--includes-only', action='store_true',
+                   help='run nothing: re-append the include files (INCLUDES) to the existing --out report')
     args = p.parse_args(argv)
+    if args.includes_only:
+        out = Path(args.out)
+        out.write_text(with_includes(out.read_text() if out.is_file() else '# Performance\n'))
+        print(f'wrote {args.out} (includes only)')
+        return 0
     sections = [
         '# Performance\n',
         f'Written by `python benchmarks/run_all.py --threads {args.threads}'
@@ -135,7 +163,7 @@ def main(argv=None) -> int:
             sections.append(f'## {title}\n\n```\npython benchmarks/{" ".join(cmd)}\n```\n\n{text}\n')
     sections.insert(2, summary(outputs))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text('\n'.join(sections))
+    Path(args.out).write_text(with_includes('\n'.join(sections)))
     print(f'wrote {args.out}')
     return 0
 

@@ -16,7 +16,8 @@ Within ``--budget-min`` minutes of wall time (counted from the end of data loadi
    validation;
 2. **plan**: times a few training steps and attack passes of both models on the device and
    picks the number of epochs E so that training both for E epochs and evaluating both fits
-   the budget (the AutoAttack estimate assumes 85 % clean and 50 % robust accuracy and the
+   the budget, training getting at least ``--min-train-share`` (0.4) of it (the AutoAttack
+   estimate assumes 85 % clean and 50 % robust accuracy and the
    attacks' pass counts in ``AA_PASSES``); the calibration's weight updates are undone; after the
    PGD-20 evaluation the AutoAttack size is re-checked against the measured accuracies and the
    time left;
@@ -139,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--craft-bn', default='eval', choices=('eval', 'train'),
                    help="BatchNorm while crafting (as the trainer's craft_bn)")
     p.add_argument('--min-epochs', type=int, default=1)
+    p.add_argument('--min-train-share', type=float, default=0.4,
+                   help='training gets at least this share of the time left after calibration; the AutoAttack '
+                        'points are cut instead when the evaluation estimate would take more')
     p.add_argument('--max-epochs', type=int, default=None, help='cap on the planned epochs (default 40; toy 2)')
     p.add_argument('--epochs', type=int, default=None, help='fix the number of epochs instead of planning it')
     p.add_argument('--val-n', type=int, default=None, help='held-out training images for validation (1000; toy 32)')
@@ -161,6 +165,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [a for a in (args.aa_attacks or '').split(',') if a.strip() and a.strip() not in AA_PASSES]
     if unknown:
         p.error(f"--aa-attacks: unknown {unknown}; choose from {', '.join(AA_PASSES)}")
+    if not 0.0 <= args.min_train_share < 1.0:
+        p.error('--min-train-share must lie in [0, 1)')
     if args.budget_min <= 0 or args.batch_size < 1 or args.min_epochs < 1 or args.max_epochs < args.min_epochs:
         p.error('need --budget-min > 0, --batch-size >= 1 and 1 <= --min-epochs <= --max-epochs')
     if args.out is None:
@@ -660,19 +666,22 @@ def main(argv=None) -> int:
               for n, c in calibration.items()}
     export_s = 5.0 if args.toy else 15.0
     left = end - time.perf_counter() - 2 * export_s
-    fit = int((0.95 * left - sum(eval_s.values())) // sum(epoch_s.values()))
+    # the evaluation gets its estimate, but at most (1 - --min-train-share) of the time: beyond
+    # that the AutoAttack points are cut after the PGD evaluation, not the training
+    eval_reserve = min(sum(eval_s.values()), (1.0 - args.min_train_share) * left)
+    fit = int((0.95 * left - eval_reserve) // sum(epoch_s.values()))
     epochs = args.epochs or max(args.min_epochs, min(args.max_epochs, fit))
     plan = {'budget_s': budget_s, 'seconds_left_after_calibration': round(left, 1),
             'epoch_seconds_estimate': {k: round(v, 2) for k, v in epoch_s.items()},
             'eval_seconds_estimate': {k: round(v, 1) for k, v in eval_s.items()},
-            'epochs_that_fit': fit, 'epochs': epochs, 'fixed_by_flag': args.epochs is not None,
+            'eval_seconds_reserved': round(eval_reserve, 1), 'epochs_that_fit': fit, 'epochs': epochs, 'fixed_by_flag': args.epochs is not None,
             'aa_passes_per_point_assumed': aa_passes_per_point(aa_attacks(args), PLAN_CLEAN, PLAN_ROBUST),
             'aa_attacks': list(aa_attacks(args)), 'export_seconds_reserved': export_s}
     log(f"[plan] {epochs} epochs each (fit: {fit}); estimated epoch {epoch_s['edlnet']:.1f}s EDL / "
         f"{epoch_s['conv_twin']:.1f}s twin, evaluation {eval_s['edlnet']:.0f}s EDL / {eval_s['conv_twin']:.0f}s twin")
 
     # ---- train: the EDLNet first; the twin gets the epochs the EDLNet got
-    eval_total = sum(eval_s.values()) + 2 * export_s
+    eval_total = eval_reserve + 2 * export_s
     results: Dict[str, Dict[str, Any]] = {}
     max_epochs = epochs
     for name, m in models.items():

@@ -190,6 +190,36 @@ def test_run_all_quick_writes_report_with_summary(tmp_path):
         assert math.isfinite(ratio) and ratio > 0, r
 
 
+def test_run_all_keeps_the_included_sections(tmp_path):
+    """Sections written by their own command (the H200 estimate) are appended verbatim and survive
+    a regeneration of the report (and a re-append does not duplicate them)."""
+    spec = importlib.util.spec_from_file_location('run_all', BENCH_DIR / 'run_all.py')
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    include = tmp_path / 'estimate.md'
+    include.write_text('## Estimate\n\nnumbers\n')
+    includes = [(include, 'python benchmarks/estimate_h200.py')]
+    once = run_all.with_includes('# Performance\n\n## Bench\n\ntable\n', includes)
+    assert once.index('## Bench') < once.index('## Estimate') and 'estimate_h200.py' in once
+    assert run_all.with_includes(once, includes) == once
+    include.write_text('## Estimate\n\nnew numbers\n')
+    again = run_all.with_includes(once, includes)
+    assert 'new numbers' in again and again.count('## Estimate') == 1 and '## Bench' in again
+    assert run_all.INCLUDES[0][0].name == 'performance_h200.md'
+
+
+def test_estimate_h200_script_imports():
+    """benchmarks/estimate_h200.py (run by hand: its full-size run takes about 30 s) imports and
+    parses its options; its arithmetic uses release_gpu's AutoAttack cost model."""
+    spec = importlib.util.spec_from_file_location('estimate_h200', BENCH_DIR / 'estimate_h200.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(['--threads', '1'])
+    assert args.fraction == 0.25 and args.ceiling_bf16 == 788.0
+    passes = module.R.aa_passes_per_point(module.R.AA_STANDARD, 0.85, 0.5)
+    assert passes == pytest.approx(0.85 * 101 + 0.5 * (900 + 900 + 2500) + 21)
+
+
 def test_allocator_tuning_is_on_by_default_and_can_be_opted_out():
     """glibc: the timm-edl process keeps freed activation buffers; TIMM_EDL_MALLOC_TUNING=0 opts out."""
     code = 'from timm_edl.runtime import keep_freed_memory as k; print(k(), k())'
