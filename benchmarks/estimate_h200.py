@@ -50,6 +50,7 @@ import _timing as T
 import timm
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import release_gpu as R
 import timm_edl  # noqa: F401  (registers the edlnet models with timm)
@@ -102,6 +103,20 @@ def _grad_fn(model, x, y):
     return attack_pass
 
 
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a device value on the host (``item``, ``float()``, ``bool()``:
+    ``aten._local_scalar_dense``): each one is a synchronisation on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) == 'aten._local_scalar_dense':
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def run(args):
     device = T.setup_torch(args.threads, 'cpu')
     info = T.machine_info(args.threads, 'cpu', args.note)
@@ -119,6 +134,11 @@ def run(args):
     for unit, fns in calls.items():
         flops[unit] = {n: count_flops(fn) / B for n, fn in fns.items()}
         timings[unit] = T.time_interleaved(fns, args.repeats, args.warmup, args.threads)
+    host_reads = {}
+    for name, fn in calls['step'].items():  # after earlier steps: the weights changed, L is refreshed
+        with _HostReads() as reads:
+            fn()
+        host_reads[name] = reads.count
     measured = {u: {'flop_ratio': flops[u]['edl'] / flops[u]['twin'],
                     'time_ratio': timings[u]['edl']['median_s'] / timings[u]['twin']['median_s']}
                 for u in calls}
@@ -156,7 +176,7 @@ def run(args):
         out['epochs_in_budget'] = epochs
         out['aa_points_in_budget'] = max(0, min(AA_POINTS, int(rest / per_point)))
         cases[case] = out
-    return {'info': info, 'batch': B, 'flops_per_image': flops, 'timings': timings, 'measured': measured,
+    return {'info': info, 'batch': B, 'flops_per_image': flops, 'host_reads_per_step': host_reads, 'timings': timings, 'measured': measured,
             'assumed': {'ceiling_bf16_tflops': args.ceiling_bf16, 'ceiling_fp32_tflops': args.ceiling_fp32,
                         'fraction': args.fraction, 'aa_passes_per_point': aa_passes, 'budget_min': BUDGET_MIN,
                         'startup_s': STARTUP_S, 'export_s': EXPORT_S},
@@ -202,6 +222,13 @@ def markdown(r, argv) -> str:
         f"`release_gpu.AA_PASSES`). Budget {a['budget_min']:g} min minus {a['startup_s']:.0f} s start-up and "
         f"{a['export_s']:.0f} s exports; an epoch = 49,000 training images + PGD-10 validation on 1,000; "
         f"evaluation = clean + PGD-20 on 10,000 + checks on 100 + AutoAttack on 1,000.",
+        '',
+        f"Not in the estimate: host reads per fast-AT step (each a GPU synchronisation), counted on the "
+        f"same step: twin {r['host_reads_per_step']['twin']}, EDL {r['host_reads_per_step']['edl']}; "
+        "`tests/test_release_gpu.py` checks that every one comes from the EDL layers' step-size refresh "
+        "after the weight update "
+        "(`timm_edl.layers.edl.operator_norm_sq`: Lanczos with an early stop and a small `eigh` per "
+        "iteration); on a GPU each stalls the queue, so they may cost more than the FLOPs of a step.",
         '',
         '| estimate | twin | EDL (a) | EDL (b) |',
         '|---|---|---|---|',
