@@ -36,7 +36,6 @@ Assumed (every one a parameter, printed with the result):
   point, the 100-point checks, and the default 9-minute budget with 30 s of start-up.
 """
 import argparse
-import copy
 import os
 import sys
 import time
@@ -56,7 +55,6 @@ import release_gpu as R
 import timm_edl  # noqa: F401  (registers the edlnet models with timm)
 from bench_attack import count_flops
 from timm_edl.attacks import frozen_parameters
-from timm_edl.layers import edl_layers
 
 TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES, AA_POINTS, CHECK_POINTS = 49_000, 1_000, 10_000, 1_000, 100
 BUDGET_MIN, STARTUP_S, EXPORT_S = 9.0, 30.0, 30.0

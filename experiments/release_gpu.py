@@ -44,16 +44,17 @@ The budget is minutes, so the training method is chosen by robustness per unit o
 An FGSM-RS step costs one input-gradient pass plus the training forward/backward (about 5
 forward-equivalents); PGD-10 AT costs ten input-gradient passes plus the same (about 23), so
 FGSM-RS gets about 4.6x the epochs in the same time. Wong et al. report that FGSM with a
-uniform random start and step 1.25 eps (10/255 at eps 8/255), a cyclic learning rate and mixed
-precision trains a CIFAR-10 PreAct ResNet-18 to about 46 % PGD-50 accuracy (83.8 % clean) in
-15 epochs (12 min on one V100), against about 50 % for PGD-7 AT at roughly 40 times the
-time (their "free"/PGD baselines in Table 4); AutoAttack later measured that model at 43.2 %
-(Croce & Hein 2020; RobustBench entry Wong2020Fast). Its known failure, catastrophic
-overfitting (PGD accuracy collapsing to ~0 within an epoch), appears mainly with larger steps
-or longer schedules; the per-epoch PGD validation with best-weight selection catches it here.
-GradAlign (Andriushchenko & Flammarion 2020) prevents it but roughly triples the step's cost;
-TRADES and AWP cost 2-4 times PGD-AT and pay off only over long schedules (they are in
-``recipes/`` for the accelerate trainer). The two-stage EDL schedule (vanilla, then elastic
+uniform random start and step 1.25 eps (10/255 at eps 8/255), with a cyclic learning rate and
+mixed precision, trains a CIFAR-10 PreAct ResNet-18 to 45 % PGD accuracy at eps 8/255 in 6
+minutes on one GPU, where "free" adversarial training took 10 hours to reach the same level
+(their abstract); AutoAttack later put that fast-AT model at about 43 % (Croce & Hein 2020;
+RobustBench entry Wong2020Fast), a few points under multi-step PGD-AT models of the same size
+that cost several times more. Its known failure, catastrophic overfitting (PGD accuracy
+collapsing to ~0 within an epoch), appears mainly with larger steps or longer schedules; the
+per-epoch PGD validation with best-weight selection catches it here. GradAlign (Andriushchenko
+& Flammarion 2020) prevents it but roughly triples the step's cost; TRADES and AWP start from
+PGD-AT's cost and add to it (a clean forward; a second forward/backward per step), paying off
+over long schedules (they are in ``recipes/`` for the accelerate trainer). The two-stage EDL schedule (vanilla, then elastic
 from 3/4 of the run) is the one of the fast recipe (``recipes/edlnet_resnet18_cifar10_fast.yaml``,
 elastic from epoch 30 of 40). Batch 512 and ``--lr-max 0.4`` are our choice for a large GPU
 (Wong et al. used batch 128 with a peak of 0.2); they were not tuned here.
@@ -82,7 +83,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import platform
 import sys
