@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .layers import EDLConv2d, edl_layers
+from .layers import INITS, REWEIGHTS, EDLConv2d, edl_layers, with_legacy_options
 
 __all__ = [
     'EDL_DEFAULTS', 'PRESERVE_FUNCTION', 'POLICIES', 'select_convs', 'convert_to_edl',
@@ -53,7 +53,7 @@ __all__ = [
 # EDLConv2d keyword arguments used by EDLNets unless overridden (model arg ``edl_cfg``)
 EDL_DEFAULTS: Dict[str, Any] = dict(
     num_steps=2, beta=1.0, beta_learnable=True, lam=0.1, lam_learnable=False,
-    step_rule='fixed', eps=1e-3, nonneg=False, normalize_atoms=True,
+    step_rule='fixed', init='ista', reweight='scale_free', eps=None, nonneg=False, normalize_atoms=True,
 )
 _EDL_KEYS = set(EDL_DEFAULTS) | {'bias', 'power_iters', 'power_iters_warm', 'fixed_lipschitz', 'fused', 'memory_efficient',
                                   'compile_solver'}
@@ -195,7 +195,8 @@ def edl_layer_config(layer: EDLConv2d, values: bool = True) -> Dict[str, Any]:
         num_steps=int(layer.num_steps),
         beta_learnable=isinstance(layer.beta, nn.Parameter),
         lam_learnable=isinstance(layer.lam, nn.Parameter),
-        step_rule=layer.step_rule, eps=float(layer.eps), nonneg=bool(layer.nonneg),
+        step_rule=layer.step_rule, init=layer.init, reweight=layer.reweight, eps=float(layer.eps),
+        nonneg=bool(layer.nonneg),
         normalize_atoms=bool(layer.normalize), bias=layer.bias is not None,
         power_iters=int(layer.power_iters), power_iters_warm=int(layer.power_iters_warm),
         fixed_lipschitz=float(layer.fixed_lipschitz) if layer.fixed_lipschitz > 0 else None,
@@ -244,7 +245,7 @@ def apply_conversion(model: nn.Module, block: Dict[str, Any]) -> nn.Module:
         raise ValueError(
             f"timm_edl_conversion format {block['format']} is newer than this timm-edl understands "
             f"({CONVERSION_FORMAT}): upgrade timm-edl")
-    common = dict(block['edl_cfg'])
+    common = with_legacy_options(block['edl_cfg'])
     _check_edl_kwargs(common)
     overrides = block.get('layer_overrides') or {}
     is_feature_wrapper = type(model).__name__.startswith('Feature')
@@ -267,7 +268,7 @@ def apply_conversion(model: nn.Module, block: Dict[str, Any]) -> nn.Module:
     return model
 
 
-_SETTABLE = ('num_steps', 'lam', 'fixed_lipschitz', 'normalize_atoms', 'eps', 'nonneg', 'step_rule',
+_SETTABLE = ('num_steps', 'lam', 'fixed_lipschitz', 'normalize_atoms', 'eps', 'nonneg', 'step_rule', 'init', 'reweight',
              'power_iters', 'power_iters_warm', 'fused', 'memory_efficient', 'compile_solver')
 
 
@@ -275,7 +276,8 @@ def set_edl_options(model: nn.Module, **options: Any) -> nn.Module:
     """Change hyperparameters of every EDL layer of ``model`` in place (see module docstring).
 
     Keys: ``num_steps``, ``lam``, ``fixed_lipschitz`` (``None``: power iteration),
-    ``normalize_atoms``, ``eps``, ``nonneg``, ``step_rule`` (switching to 'learnable' adds a
+    ``normalize_atoms``, ``eps``, ``nonneg``, ``init``, ``reweight`` (give ``eps`` too: each
+    reweighting has its own scale of eps), ``step_rule`` (switching to 'learnable' adds a
     ``step_scale`` parameter initialised to 1: rebuild the optimizer), ``power_iters``,
     ``power_iters_warm``, and the execution options ``fused`` / ``memory_efficient`` /
     ``compile_solver`` (``torch.compile`` the solver; not recorded by exports, so a
@@ -303,9 +305,14 @@ def set_edl_options(model: nn.Module, **options: Any) -> nn.Module:
         from .layers import STEP_RULES
         if options['step_rule'] not in STEP_RULES:
             raise ValueError(f"unknown step_rule {options['step_rule']!r}; choose one of {STEP_RULES}")
+    for key, allowed in (('init', INITS), ('reweight', REWEIGHTS)):
+        if key in options and options[key] not in allowed:
+            raise ValueError(f"unknown {key} {options[key]!r}; choose one of {allowed}")
     for _, layer in layers:
         for key, value in options.items():
-            if key == 'lam':
+            if key in ('init', 'reweight'):
+                setattr(layer, key, value)
+            elif key == 'lam':
                 with torch.no_grad():
                     layer.lam.fill_(float(value))
             elif key == 'fixed_lipschitz':

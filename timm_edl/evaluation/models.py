@@ -250,18 +250,20 @@ class _NaiveEDL(nn.Module):
             L = layer._lipschitz(weight, [x.shape[-2], x.shape[-1]])
         beta, lam = layer.beta_value(), layer.lam_value()
 
-        def solve(inp, steps, z_init=None):
+        def solve(inp, steps, z_init=None, scale=None):
             return rista(inp, weight, beta, lam, L, layer.stride, layer.padding, steps, layer.eps,
-                         layer.nonneg, layer.step_rule, layer.step_scale, z_init)
+                         layer.nonneg, layer.step_rule, layer.step_scale, z_init, layer.init, layer.reweight, scale)
 
         if self.mode == 'one-step':
             z = solve(x, 1)
         elif self.mode == 'truncate':
-            z_prev = None
+            z_prev = scale = None
             if layer.num_steps > 1:
                 with torch.no_grad():
                     z_prev = solve(x, layer.num_steps - 1)
-            z = solve(x, 1, z_prev)
+                    if layer.reweight == 'scale_free':  # the c of the full solve, held fixed
+                        scale = layer.residual_scale(x, weight, lam, L)
+            z = solve(x, 1, z_prev, scale)
         else:
             with torch.no_grad():
                 z_exact = solve(x, layer.num_steps)

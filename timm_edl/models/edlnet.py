@@ -26,6 +26,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..convert import EDL_DEFAULTS, convert_to_edl
+from ..layers import with_legacy_options
 
 __all__ = ['EDLResNet', 'BasicBlock', 'Bottleneck', 'PreActBlock', 'InputNormalize', 'PretrainedWeightsUnavailable']
 
@@ -271,7 +272,7 @@ class EDLResNet(nn.Module):
 
         self._init_weights(zero_init_last)
         self.edl_layers = edl_layers if isinstance(edl_layers, str) else 'custom'
-        self.edl_cfg = {**EDL_DEFAULTS, **(edl_cfg or {})}
+        self.edl_cfg = {**EDL_DEFAULTS, **with_legacy_options(edl_cfg or {})}
         convert_to_edl(self, policy=edl_layers, copy_weights=False, **self.edl_cfg)
 
     def _init_weights(self, zero_init_last: bool) -> None:
