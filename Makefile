@@ -56,9 +56,9 @@ results: $(BIN)/.installed data
 # One CUDA GPU, a time budget: fast AT of edlnet_resnet18 + conv twin, evaluation, Hub-ready exports and
 # runs/release-<date>-<time>/release.json (experiments/release_gpu.py). release-gpu-prepare (here, with
 # network) puts the pyautoattack wheel in .whl/ and the CIFAR-10-JPEG archives in .data/; the device
-# machine runs `bash experiments/release_gpu.sh --budget-min 9` with carry [".whl", ".data"].
+# machine runs `bash experiments/release_gpu.sh --budget-min 8 --pack $OUT` with carry [".whl", ".data"].
 # release-gpu-rehearsal: the same bootstrap end to end on this CPU at toy size.
-RELEASE_ARGS ?= --device cuda --budget-min 9
+RELEASE_ARGS ?= --device cuda --budget-min 8
 release-gpu-prepare: $(BIN)/.installed
 	PYTHON=$(BIN)/python bash experiments/release_gpu.sh --prepare
 

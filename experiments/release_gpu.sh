@@ -17,7 +17,7 @@
 # The run installs .whl/*.whl and the project itself with --no-index --no-deps into a target
 # folder put first on PYTHONPATH (nothing else is installed or upgraded), checks the versions
 # (release_gpu.py --check-env: torch >= 2.11 suffices), then runs
-# `python experiments/release_gpu.py ARGS` (default --device cuda --budget-min 9).
+# `python experiments/release_gpu.py ARGS` (default --device cuda --budget-min 8 --pack $OUT when OUT is set).
 # PYTHON (default python3) and RELEASE_SITE (default /tmp/timm-edl-site) can be set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +54,7 @@ EOF
     cp "$SHARED"/train.tar.gz "$SHARED"/test.tar.gz "$SHARED"/SHA256SUMS "$DATA"/
     (cd "$DATA" && sha256sum -c --quiet SHA256SUMS)
     du -sh "$WHEELS" "$DATA"
-    echo 'prepared: run with carry [".whl", ".data"] and command: bash experiments/release_gpu.sh --budget-min 9'
+    echo 'prepared: run with carry [".whl", ".data"] and command: bash experiments/release_gpu.sh --budget-min 8 --pack $OUT (timeout_s 600)'
     exit 0
 fi
 
@@ -75,7 +75,7 @@ export TIMM_EDL_CACHE_DIR=${TIMM_EDL_CACHE_DIR:-/tmp/timm-edl-cache}
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
 args=("$@")
-(( ${#args[@]} )) || args=(--device cuda --budget-min 9)
+(( ${#args[@]} )) || args=(--device cuda --budget-min 8 ${OUT:+--pack "$OUT"})
 device=cuda
 for ((i = 0; i < ${#args[@]}; i++)); do
     [[ "${args[$i]}" == "--device" ]] && device="${args[$((i + 1))]}"

@@ -157,7 +157,7 @@ def test_toy_release_run_on_cpu(tmp_path):
     out = tmp_path / 'release'
     env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, str(SCRIPT), '--device', 'cpu', '--toy', '--epochs', '2', '--out', str(out),
-           '--data-dir', str(CIFAR10_JPEG_DIR)]
+           '--data-dir', str(CIFAR10_JPEG_DIR), '--pack', str(tmp_path / 'packed')]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / 'release.json').read_text())
@@ -178,3 +178,12 @@ def test_toy_release_run_on_cpu(tmp_path):
         assert state_dict_digest(loaded) == m['eval_full']['weights_digest']
         assert 'CIFAR-10-JPEG' in (folder / 'README.md').read_text()
     assert report['calibration']['edlnet']['train_images_per_s'] > 0
+    # --pack: few small files; the EDLNet's weights come back together bit for bit
+    packed = sorted((tmp_path / 'packed').iterdir())
+    assert packed[-1].name == 'release-results.tar.gz' and all(p.stat().st_size <= 15 * 2**20 for p in packed)
+    weights = b''.join(p.read_bytes() for p in packed if '.part-' in p.name)
+    assert weights == (Path(edl['export']) / 'model.safetensors').read_bytes()
+    import tarfile
+    with tarfile.open(packed[-1]) as tar:
+        names = tar.getnames()
+    assert any(n.endswith('release.json') for n in names) and not any(n.endswith('.safetensors') for n in names)
