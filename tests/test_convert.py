@@ -285,3 +285,19 @@ def test_convert_cli(tmp_path, monkeypatch, capsys):
     assert 'not empty' in capsys.readouterr().err
     assert convert_main(['--model', 'resnet18', '--policy', 're:^nothing$', '--out', str(tmp_path / 'c')]) == 1
     assert 'selects no convertible' in capsys.readouterr().err
+
+
+def test_conversion_blocks_recorded_before_init_and_reweight_keep_the_original_layer():
+    """A conversion block spells out every layer option; one written before ``init`` /
+    ``reweight`` existed rebuilds layers that start from 0 with the floored weights."""
+    from timm_edl.convert import apply_conversion
+    old = {'format': 1, 'layers': ['conv1'], 'edl_cfg': dict(
+        num_steps=2, beta_learnable=True, lam_learnable=False, step_rule='fixed', eps=1e-3, nonneg=False,
+        normalize_atoms=True, bias=False, power_iters=30, power_iters_warm=2, fixed_lipschitz=None)}
+    model = apply_conversion(timm.create_model('resnet18', num_classes=3), old)
+    assert (model.conv1.init, model.conv1.reweight, model.conv1.eps) == ('zero', 'floor', 1e-3)
+    new = {**old, 'edl_cfg': {**old['edl_cfg'], 'init': 'ista', 'reweight': 'scale_free', 'eps': 0.1}}
+    model = apply_conversion(timm.create_model('resnet18', num_classes=3), new)
+    assert (model.conv1.init, model.conv1.reweight, model.conv1.eps) == ('ista', 'scale_free', 0.1)
+    # options given by a user (not spelled out) get today's defaults
+    assert timm.create_model('edlnet_resnet18', edl_cfg=dict(beta=0.5)).conv1.reweight == 'scale_free'

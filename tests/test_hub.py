@@ -640,3 +640,24 @@ def test_docs_snippets_run(hub_cache, tmp_path, monkeypatch):
             raise AssertionError(f'docs/hub.md python block {i} failed:\n{code}') from e
     assert (work / 'resnet18_edl' / 'model.safetensors').is_file()
     assert isinstance(namespace['restored'].conv1, timm_edl.EDLConv2d)
+
+
+def test_export_made_before_init_and_reweight_loads_and_computes_the_same():
+    """tests/data/legacy_edlnet was exported by the code of commit 8a2f976, before the EDL
+    layer had ``init`` / ``reweight`` (betas 0 to 0.9, so the options matter), with its
+    input and logits: loaded today, every path rebuilds the original layer and the logits."""
+    folder = REPO_ROOT / 'tests' / 'data' / 'legacy_edlnet'
+    expected = safetensors.torch.load_file(str(folder / 'expected.safetensors'))
+    config = json.loads((folder / 'export' / 'config.json').read_text())
+    assert 'init' not in config['model_args']['edl_cfg'] and 'reweight' not in config['model_args']['edl_cfg']
+    for model in (timm.create_model(f"local-dir:{folder / 'export'}", pretrained=True),
+                  hub.load(f"local-dir:{folder / 'export'}")):
+        layers = timm_edl.layers.edl_layers(model)
+        assert {(m.init, m.reweight, m.eps) for _, m in layers} == {('zero', 'floor', 1e-3)}
+        assert sorted({round(float(m.beta.detach()), 3) for _, m in layers}) == [0.0, 0.3, 0.5, 0.6, 0.9]
+        torch.testing.assert_close(logits(model, expected['x']), expected['logits'], rtol=0, atol=1e-6)
+    # a model built today (new defaults) computes something else at these betas: the check has teeth
+    today = timm.create_model('edlnet_resnet18', layers=(1, 1), widths=(4, 8), stem_width=4, num_classes=3)
+    state = safetensors.torch.load_file(str(folder / 'export' / 'model.safetensors'))
+    today.load_state_dict(state)
+    assert not torch.allclose(logits(today, expected['x']), expected['logits'], atol=1e-3)

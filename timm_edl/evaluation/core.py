@@ -551,6 +551,7 @@ def _report(*, config, threat_model, eps, eps_text, dataset_name, label, data_in
         'failed_checks': failed,
         'timings': {k: round(v, 3) for k, v in timings.items()},
         'cpu_timings': {k: round(v, 3) for k, v in cpu_timings.items()},
+        'per_point': {k: pack_correct(v) for k, v in per_point.items()},
         'model': description,
         'edl_beta': {k: v['beta'] for k, v in description['edl']['layers'].items()},
         'config': config.to_dict(),
@@ -560,6 +561,23 @@ def _report(*, config, threat_model, eps, eps_text, dataset_name, label, data_in
     }
     report['model_index'] = model_index(report)
     return report
+
+
+def pack_correct(correct: torch.Tensor) -> str:
+    """Per-point correctness (bool, one per evaluated point, in order) as a hex string of its
+    bits, most significant first (8 points per 2 hex digits): 10,000 points in 2,500 characters."""
+    bits = correct.detach().to('cpu', torch.bool).flatten().tolist()
+    bits += [False] * (-len(bits) % 8)
+    return bytes(int(''.join('1' if b else '0' for b in bits[i:i + 8]), 2)
+                 for i in range(0, len(bits), 8)).hex()
+
+
+def unpack_correct(text: str, n: int) -> List[bool]:
+    """The first ``n`` per-point results written by :func:`pack_correct`."""
+    bits = [c == '1' for byte in bytes.fromhex(text) for c in f'{byte:08b}']
+    if len(bits) < n:
+        raise ValueError(f"packed per-point results hold {len(bits)} points, asked for {n}")
+    return bits[:n]
 
 
 def model_index(report: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -52,6 +52,7 @@ class TrainConfig:
     convert: Optional[str] = None             # convert_to_edl policy applied after loading ('default', 'all', ...)
     convert_kwargs: Dict[str, Any] = field(default_factory=dict)  # EDLConv2d options for the conversion
     elastic_from_epoch: Optional[int] = None  # two-stage: beta frozen at 1 before this epoch, trained from it on
+    elastic_beta_init: Optional[float] = None  # beta of every EDL layer when it is released (default: as it is)
     # ---------------------------------------------------------------- data
     dataset: str = 'cifar10'
     data_dir: Optional[str] = None
@@ -246,6 +247,8 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"val_n_ex must be >= 0, got {cfg.val_n_ex}")
     if cfg.elastic_from_epoch is not None and cfg.elastic_from_epoch < 0:
         raise ConfigError(f"elastic_from_epoch must be >= 0 (or null), got {cfg.elastic_from_epoch}")
+    if cfg.elastic_beta_init is not None and not 0.0 <= cfg.elastic_beta_init <= 1.0:
+        raise ConfigError(f"elastic_beta_init must lie in [0, 1] (or null), got {cfg.elastic_beta_init}")
     if cfg.awp_gamma < 0 or cfg.awp_warmup < 0:
         raise ConfigError(f"awp_gamma and awp_warmup must be >= 0, got {cfg.awp_gamma}, {cfg.awp_warmup}")
     if cfg.awp_gamma > 0 and cfg.objective not in AWP_OBJECTIVES:

@@ -25,7 +25,8 @@ Two-stage EDL schedule
 ----------------------
 ``elastic_from_epoch = k``: before epoch ``k`` every EDL layer is vanilla DL (beta = 1,
 frozen: :func:`~timm_edl.layers.set_beta_mode` ``'vanilla'``); from epoch ``k`` on beta is
-trained (``'elastic'``).  beta is in the optimizer from the start (no weight decay), so
+trained (``'elastic'``), starting from ``elastic_beta_init`` when given (else from 1).
+Every epoch's metrics (``summary.csv``) hold each layer's beta (``beta/<layer>``).  beta is in the optimizer from the start (no weight decay), so
 releasing it needs no new optimizer.  Under DDP, parameters that were frozen when the
 model was wrapped are not reduced by DDP; the trainer averages their gradients itself.
 """
@@ -254,7 +255,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
 
 
 def _beta_groups(model: nn.Module) -> Dict[str, float]:
-    """Mean beta over all EDL layers and per top-level stage (stem = modules before 'layer1')."""
+    """beta of every EDL layer (``beta/<layer name>``), their mean and the mean per top-level
+    stage (stem = modules before 'layer1')."""
     layers = edl_layers(model)
     if not layers:
         return {}
@@ -268,6 +270,7 @@ def _beta_groups(model: nn.Module) -> Dict[str, float]:
         values.append(value)
     out = {'beta_mean': sum(values) / len(values)}
     out.update({f'beta_{k}': sum(v) / len(v) for k, v in groups.items()})
+    out.update({f'beta/{name}': float(layer.beta.detach().clamp(0, 1)) for name, layer in layers})
     return out
 
 
@@ -628,6 +631,10 @@ def _train(cfg: TrainConfig, *, resume: Union[None, bool, str], overwrite: bool)
     stage = _stage_for(cfg, start_epoch) if has_edl else None
     if stage is not None:
         set_beta_mode(model, stage)
+        if stage == 'elastic' and ckpt is None and cfg.elastic_beta_init is not None:  # elastic from epoch 0
+            for _, layer in edl_layers(model):
+                with torch.no_grad():
+                    layer.beta.fill_(cfg.elastic_beta_init)
     # Created (and wrapped) with beta possibly frozen: see the module docstring on DDP.
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum, param_group_fn=lambda m: param_groups(m, cfg.weight_decay),
@@ -692,7 +699,13 @@ def _train(cfg: TrainConfig, *, resume: Union[None, bool, str], overwrite: bool)
         wanted = _stage_for(cfg, epoch) if has_edl else None
         if wanted is not None and wanted != stage:
             set_beta_mode(raw, wanted)
-            log(f"epoch {epoch + 1}: EDL beta mode -> {wanted} (set_beta_mode)")
+            start = ''
+            if wanted == 'elastic' and cfg.elastic_beta_init is not None:
+                for _, layer in edl_layers(raw):
+                    with torch.no_grad():
+                        layer.beta.fill_(cfg.elastic_beta_init)
+                start = f", beta from {cfg.elastic_beta_init:g}"
+            log(f"epoch {epoch + 1}: EDL beta mode -> {wanted} (set_beta_mode{start})")
             stage = wanted
         extra_params = [p for p in raw.parameters() if p.requires_grad and id(p) not in ddp_param_ids] \
             if world > 1 else []
