@@ -13,6 +13,7 @@ FMNIST = Path('/usr/share/datasets/fashion-mnist')
 
 
 def _load():
+    sys.path.insert(0, str(REPO / 'experiments'))  # as when run as a script: its helpers sit beside it
     spec = importlib.util.spec_from_file_location('paper_claims', REPO / 'experiments' / 'paper_claims.py')
     module = importlib.util.module_from_spec(spec)
     sys.modules['paper_claims'] = module
