@@ -27,7 +27,9 @@ weights refreshes ``L(w)`` again (two warm-started power iterations each time).
 
 Under DDP each process computes ``v`` from its own batch on the unwrapped model (no
 communication); the gradients of step 4 are averaged by DDP as usual and every process
-restores the same ``w``, so the replicas stay identical.
+restores the same ``w``, so the replicas' parameters stay identical.  Their EDL step-size
+caches (``L``, refreshed after each perturbation from each process's own warm start) may
+differ in the last digits, as a derived cache that weights digests leave out.
 """
 from __future__ import annotations
 

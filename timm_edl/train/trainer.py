@@ -579,7 +579,7 @@ def _reset_accelerate_singletons() -> None:
 
 
 def _train(cfg: TrainConfig, *, resume: Union[None, bool, str], overwrite: bool) -> TrainResult:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -587,8 +587,13 @@ def _train(cfg: TrainConfig, *, resume: Union[None, bool, str], overwrite: bool)
     # Launched with several processes (accelerate launch --multi_gpu / torchrun) on a machine
     # without GPUs: data-parallel on CPU (gloo), which accelerate only does when told cpu=True.
     multi_cpu = int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.cuda.is_available()
+    # No DDP buffer broadcast at every forward: TRADES and MART run two forwards per step, and the
+    # in-place broadcast into the BatchNorm statistics between them breaks the backward of the first
+    # (torch 2.11); BN statistics are synced from rank 0 at every epoch end instead (distribute_bn).
+    ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-                              rng_types=[], step_scheduler_with_optimizer=False, cpu=multi_cpu)
+                              rng_types=[], step_scheduler_with_optimizer=False, cpu=multi_cpu,
+                              kwargs_handlers=[ddp_kwargs])
     is_main = accelerator.is_main_process
     ckpt = _check_run_dir(output, resume, overwrite)
     if ckpt is not None:
