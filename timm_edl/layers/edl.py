@@ -403,7 +403,8 @@ class _RistaStep(torch.autograd.Function):
         else:
             r = synthesis(z, weight, stride, padding, in_size)
             r = torch.sub(x, r, out=r)
-        c_local = c is None and mode == 'scale_free'
+        # at beta = 1 (read for free on the CPU) c is needed only for dLoss/dbeta
+        c_local = c is None and mode == 'scale_free' and (_host_value(beta) != 1.0 or ctx.needs_input_grad[3])
         if c_local:
             c = residual_scale(r)
         scale, q = _reweighted_residual(r, beta, eps, mode, c)
@@ -450,16 +451,21 @@ class _RistaStep(torch.autograd.Function):
             t = torch.sub(r, _l1_part(r, eps, mode, c))
             dbeta = torch.dot(dq.reshape(-1), t.reshape(-1)).reshape(beta.shape)
             del t
-        if need_dc:  # dLoss/dc through p(r) = c r / (|r| + eps c)
-            d = r.abs().add_(c * eps)
-            t = r.abs().mul_(r).div_(d).div_(d)
-            dc = (dq * t).sum(dim=[1, 2, 3], keepdim=True).mul_(1.0 - beta)
-            del d, t
+        slope = None
+        if mode == 'scale_free' and b != 1.0:  # one pass over |r| for p'(r) and dc
+            absr = r.abs()
+            inv2 = torch.addcdiv(torch.full_like(c, eps), absr, c).reciprocal_().square_()  # (|r|/c + eps)^-2
+            if need_dc:  # dLoss/dc = (1-beta) <dq, r |r| / (|r| + eps c)^2> = (1-beta) / c^2 <dq, r |r| inv2>
+                t = absr.mul_(r).mul_(inv2).mul_(dq)
+                dc = t.sum(dim=[1, 2, 3], keepdim=True).div_(c * c).mul_(1.0 - beta)
+                del t
+            del absr
+            slope = inv2.mul_((1.0 - beta) * eps).add_(beta)
         if need_x or need_z or need_w or c_local:
             if b == 1.0:  # vanilla DL / the plain step: a = 1, dr = dq
                 dr = dq
             else:
-                dr = dq.mul_(_l1_slope(r, beta, eps, mode, c))
+                dr = dq.mul_(slope if slope is not None else _l1_slope(r, beta, eps, mode, c))
             if c_local and dc is not None:  # c = mean |r| is a function of r too
                 if grad_c is not None:
                     dc = dc + grad_c
