@@ -64,7 +64,10 @@ Throughput
 bf16 autocast on CUDA (``--amp bf16``; the EDL layers run their whole solver in the autocast
 dtype, step sizes stay float32), channels_last, the data tensor on the device (no loader, no
 host-to-device copies per batch), ``torch.compile`` of the model with ``--compile`` (eager is
-the default and the reference; ``release.json`` records which ran), and no host
+the default and the reference; ``release.json`` records which ran; compiling happens in the
+calibration's warm-up steps and counts against the budget; dynamo traces the EDL model with
+graph breaks at the step-size refresh's host reads, seen with ``backend='eager'`` on a CPU,
+while inductor itself has not run on it here), and no host
 synchronisation inside the step: losses and accuracy counts are summed on the device and
 read once per epoch; the budget check reads the host clock. (The EDL layers' step-size refresh
 after each weight update, ``timm_edl.layers.edl.operator_norm_sq``, reads two scalars per
