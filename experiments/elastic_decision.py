@@ -475,7 +475,11 @@ def main(argv: list[str] | None = None) -> int:
             'wall_minutes': sum(r['wall_seconds'] for r in meta['invocations']) / 60,
             'commits': sorted({r['commit'] for r in meta['invocations']}),
             'machine': '{cpu} ({cores} cores)'.format(**pc._machine()) if 'cpu' in pc._machine() else 'CPU'}
-    write_section(out_md, SECTION, report(size, jobs, out_md, info))
+    try:
+        body = report(size, jobs, out_md, info)
+    except pc.CacheMismatch as e:
+        raise SystemExit(f"elastic_decision: {e}") from None
+    write_section(out_md, SECTION, body)
     log(f"wrote section '{SECTION}' of {out_md}")
     return 1 if failed else 0
 
