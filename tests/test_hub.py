@@ -251,7 +251,8 @@ def test_evaluation_report_fields_and_caveats(tmp_path):
 def test_in_chans_1_and_every_edl_option_round_trip(tmp_path):
     """Non-default in_chans, normalisation, policy and EDL options are all rebuilt from config.json."""
     edl_cfg = dict(num_steps=3, lam=0.05, lam_learnable=True, beta=0.7, beta_learnable=False, nonneg=True,
-                   step_rule='learnable', eps=2e-3, normalize_atoms=False, power_iters=20, power_iters_warm=3)
+                   step_rule='learnable', eps=2e-3, normalize_atoms=False, power_iters=20, power_iters_warm=3,
+                   init='zero', reweight='additive')
     model = tiny_edlnet(in_chans=1, num_classes=4, input_mean=(0.3,), input_std=(0.4,), edl_layers='blocks',
                         edl_cfg=edl_cfg, global_pool='max')
     x = images(2, 1, 28, 28)
@@ -263,7 +264,9 @@ def test_in_chans_1_and_every_edl_option_round_trip(tmp_path):
     assert config['pretrained_cfg']['input_size'] == [1, 28, 28]  # from the evaluated dataset
     assert config['pretrained_cfg']['mean'] == [0.0] and config['pretrained_cfg']['std'] == [1.0]
     assert config['model_args']['edl_cfg']['step_rule'] == 'learnable'
+    assert (config['model_args']['edl_cfg']['init'], config['model_args']['edl_cfg']['reweight']) == ('zero', 'additive')
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert {(m.init, m.reweight) for _, m in timm_edl.layers.edl_layers(loaded)} == {('zero', 'additive')}
     assert torch.equal(logits(loaded, x), y)
     assert loaded.pretrained_cfg['label_names'] == ['a', 'b', 'c', 'd']
     assert timm.data.resolve_model_data_config(loaded)['input_size'] == (1, 28, 28)

@@ -16,11 +16,11 @@ add), BatchNorm and everything else untouched.
 Switching a converted network to the EDL regime (for adversarial fine-tuning) is
 :func:`set_edl_options` on the EDL layers, then :func:`timm_edl.set_beta_mode`::
 
-    set_edl_options(model, num_steps=2, lam=0.1, fixed_lipschitz=None)  # L by power iteration
+    set_edl_options(model, num_steps=2, lam=0.1, fixed_lipschitz=None)  # L by Lanczos
     set_beta_mode(model, 'vanilla')   # stage 1: beta = 1 (Lasso); later 'elastic'
 
 Per layer this sets the attributes ``num_steps``, ``lam`` (buffer, or parameter if
-``lam_learnable``), ``fixed_lipschitz`` (0.0 = use power iteration, ``L = ||A||^2``),
+``lam_learnable``), ``fixed_lipschitz`` (0.0 = estimate ``L = ||A||^2`` by Lanczos),
 optionally ``normalize`` (``normalize_atoms``), ``eps``, ``nonneg``, ``step_rule``,
 ``power_iters``/``power_iters_warm``, and forgets the cached step size.  The function then
 changes: with the step ``1/L`` every code is scaled by about ``1/L`` relative to the
@@ -275,7 +275,7 @@ _SETTABLE = ('num_steps', 'lam', 'fixed_lipschitz', 'normalize_atoms', 'eps', 'n
 def set_edl_options(model: nn.Module, **options: Any) -> nn.Module:
     """Change hyperparameters of every EDL layer of ``model`` in place (see module docstring).
 
-    Keys: ``num_steps``, ``lam``, ``fixed_lipschitz`` (``None``: power iteration),
+    Keys: ``num_steps``, ``lam``, ``fixed_lipschitz`` (``None``: Lanczos),
     ``normalize_atoms``, ``eps``, ``nonneg``, ``init``, ``reweight`` (give ``eps`` too: each
     reweighting has its own scale of eps), ``step_rule`` (switching to 'learnable' adds a
     ``step_scale`` parameter initialised to 1: rebuild the optimizer), ``power_iters``,
@@ -379,7 +379,7 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
                    help=f"which convs: {', '.join(sorted(POLICIES))} (default: default)")
     p.add_argument('--mode', choices=('preserve', 'edl'), default='preserve',
                    help="'preserve' (default): function-preserving EDL layers (same outputs as the original); "
-                        "'edl': the EDLNet defaults (num_steps=2, lam=0.1, unit-norm atoms, L by power iteration)")
+                        "'edl': the EDLNet defaults (num_steps=2, lam=0.1, unit-norm atoms, L by Lanczos)")
     p.add_argument('--edl-cfg', nargs='*', metavar='KEY=VALUE', help='EDLConv2d options, e.g. beta_learnable=false')
     p.add_argument('--out', required=True, help='output folder (must be empty or absent)')
     p.add_argument('--model-name', help='published model name (default: <model>_edl[.<tag>])')

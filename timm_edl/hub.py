@@ -756,7 +756,7 @@ def _edl_markdown(model: nn.Module) -> Tuple[str, bool]:
             v = c[key]
             if v not in vs:
                 vs.append(v)
-        return ', '.join('L by power iteration' if (key == 'fixed_lipschitz' and v is None) else f"`{v}`"
+        return ', '.join('L by Lanczos (1.01 x lambda_max)' if (key == 'fixed_lipschitz' and v is None) else f"`{v}`"
                          for v in vs)
 
     n_conv = len(layers) + sum(1 for m in model.modules() if type(m) is nn.Conv2d)
@@ -767,10 +767,12 @@ def _edl_markdown(model: nn.Module) -> Tuple[str, bool]:
         f"| beta (per layer{'; learnable' if any(c['beta_learnable'] for c in cfgs) else ''}) | {_range_text(betas)} |",
         f"| lam (sparsity{'; learnable' if any(c['lam_learnable'] for c in cfgs) else ''}) | {_range_text(lams)} |",
         f"| Step rule | {values('step_rule')} |",
+        f"| First step (`init`: 'ista' = plain ISTA warm start) | {values('init')} |",
+        f"| l1 reweighting (`reweight`) | {values('reweight')} |",
         f"| Lipschitz constant L | {values('fixed_lipschitz')} |",
         f"| Unit-norm atoms (`normalize_atoms`) | {values('normalize_atoms')} |",
         f"| Non-negative codes (`nonneg`) | {values('nonneg')} |",
-        f"| Residual floor (`eps`) | {values('eps')} |",
+        f"| Smoothing of the reweighting (`eps`) | {values('eps')} |",
     ]
     text = '\n'.join(rows) + "\n\nThe exact per-layer options are in `config.json`."
     if preserving:

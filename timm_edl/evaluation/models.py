@@ -244,7 +244,7 @@ class _NaiveEDL(nn.Module):
         size = [int(v) for v in layer.lipschitz_size.tolist()]
         if size == [x.shape[-2], x.shape[-1]] and float(layer.lipschitz) > 0 and layer.fixed_lipschitz <= 0:
             # the step size of the original model (a copy's weights live elsewhere in memory, which
-            # would make EDLConv2d refresh L by power iteration: a slightly different function)
+            # would make EDLConv2d refresh L by Lanczos: a slightly different function)
             L = layer.lipschitz
         else:
             L = layer._lipschitz(weight, [x.shape[-2], x.shape[-1]])

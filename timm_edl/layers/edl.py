@@ -746,7 +746,7 @@ class EDLConv2d(nn.Module):
         power_iters: Lanczos steps for L when no estimate exists for this input size
             (cold start); after a weight update L is refreshed from the previous Ritz
             vector in at least ``power_iters_warm + 1`` steps, more while it still moves.
-        fixed_lipschitz: use this constant for L instead of power iteration (e.g. 1.0
+        fixed_lipschitz: use this constant for L instead of Lanczos (e.g. 1.0
             with num_steps=1, lam=0, beta=1, normalize_atoms=False makes the layer compute
             exactly ``conv2d(x, weight)``: the function-preserving conversion setting).
         fused: for the 'fixed' step rule, run the in-place steps with the hand-written
@@ -975,7 +975,7 @@ class EDLConv2d(nn.Module):
         """L = ||A||^2 at ``in_size``, recomputed only when the weight or the size changed.
 
         A weight update (optimizer step, load_state_dict) triggers a warm-started refresh
-        of a few power iterations; a new input size a cold start.  So L is constant across
+        of a few Lanczos steps; a new input size a cold start.  So L is constant across
         the many forwards of an attack and across a checkpointed recompute.
         """
         if self.fixed_lipschitz > 0:
