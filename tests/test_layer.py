@@ -535,7 +535,9 @@ def test_fused_path_matches_reference_values_and_gradients(stride, size, nonneg,
         assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), name
 
 
-def test_fused_path_gradcheck():
+@pytest.mark.parametrize('init,reweight,eps', [('zero', 'floor', 1e-3), ('ista', 'scale_free', 0.1),
+                                               ('zero', 'scale_free', 0.1), ('ista', 'additive', 1e-2)])
+def test_fused_path_gradcheck(init, reweight, eps):
     from timm_edl.layers.edl import rista_fused
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
@@ -545,7 +547,7 @@ def test_fused_path_gradcheck():
     L = torch.tensor(9.0, dtype=torch.float64)
 
     def fn(x, weight, beta, lam):
-        return rista_fused(x, weight, beta, lam, L, [2, 2], [1, 1], 3, 1e-3, False)
+        return rista_fused(x, weight, beta, lam, L, [2, 2], [1, 1], 3, eps, False, init, reweight)
 
     assert torch.autograd.gradcheck(fn, (x, weight, beta, lam), eps=1e-7, atol=1e-5, rtol=1e-4)
 
