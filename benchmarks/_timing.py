@@ -315,7 +315,7 @@ def parse_edl_cfg(items: Sequence[str]) -> Dict[str, Any]:
 
 def layer_settings(layer: torch.nn.Module) -> Dict[str, Any]:
     """The effective solver settings of an EDLConv2d (whatever attributes this version has)."""
-    names = ('num_steps', 'step_rule', 'eps', 'nonneg', 'normalize', 'fused', 'memory_efficient',
+    names = ('num_steps', 'step_rule', 'init', 'reweight', 'eps', 'nonneg', 'normalize', 'fused', 'memory_efficient',
              'compile_solver', 'power_iters', 'power_iters_warm', 'fixed_lipschitz')
     out = {n: getattr(layer, n) for n in names if hasattr(layer, n)}
     for n in ('beta', 'lam'):
