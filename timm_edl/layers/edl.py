@@ -76,6 +76,9 @@ Design choices (keyword arguments; defaults in brackets):
     of an attack share one L.  A loaded model keeps the L it was saved with.
   * ``beta`` is one scalar per layer kept in [0, 1] by a clamp whose backward is the
     identity (straight-through), so a learnable beta that leaves the box can return.
+    Not a sigmoid of a logit: the two-stage schedule releases beta at exactly 1 (the
+    vanilla solution), where a sigmoid would need an infinite logit and pass no gradient;
+    the trainer's ``elastic_beta_init`` sets where the elastic stage starts instead.
   * ``init`` ['ista'], ``reweight`` ['scale_free'], ``eps`` [per reweighting, above];
     ``nonneg`` [False]; ``normalize_atoms`` [True]: every atom ``A[c]`` is scaled to unit
     l2 norm on every forward (SDNet); ``lam`` [0.1] fixed, or learnable (kept >= 0 by the
