@@ -63,7 +63,7 @@ decision: $(BIN)/.installed data
 # network) puts the pyautoattack wheel in .whl/ and the CIFAR-10-JPEG archives in .data/; the device
 # machine runs `bash experiments/release_gpu.sh --budget-min 8 --pack $OUT` with carry [".whl", ".data"].
 # release-gpu-rehearsal: the same bootstrap end to end on this CPU at toy size.
-RELEASE_ARGS ?= --device cuda --budget-min 8
+RELEASE_ARGS ?= --device cuda --budget-min 8 $(if $(OUT),--pack $(OUT))
 release-gpu-prepare: $(BIN)/.installed
 	PYTHON=$(BIN)/python bash experiments/release_gpu.sh --prepare
 
