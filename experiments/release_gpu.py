@@ -36,7 +36,9 @@ Within ``--budget-min`` minutes of wall time (counted from the end of data loadi
    hold them; ``release.json`` then says how many);
 5. **export**: Hub-ready folders (:func:`timm_edl.hub.export`: model.safetensors, config.json,
    a card with both evaluations) and ``release.json`` with the plan, per-epoch history, the
-   numbers, images/s for training and for each attack, the device and the versions.
+   numbers, images/s for training and for each attack, the device and the versions. They are
+   written (and packed, ``--pack``) once after the PGD-20 evaluation and again after AutoAttack,
+   so that a run killed during AutoAttack still leaves weights and numbers behind.
 
 Why FGSM-RS (fast adversarial training, Wong, Rice and Kolter, ICLR 2020)
 --------------------------------------------------------------------------
@@ -110,6 +112,9 @@ AA_STANDARD = ('apgd-ce', 'apgd-t', 'fab-t', 'square')
 #: Assumed for the plan, before any model is trained: 85 % clean, 50 % robust (CIFAR-10 AT models
 #: reach about 80-85 % and 40-50 %); standard AutoAttack then costs ~2240 passes per point.
 PLAN_CLEAN, PLAN_ROBUST = 0.85, 0.5
+#: Margin on the measured AutoAttack estimate (its later attacks run on the few robust points,
+#: in smaller, less efficient batches than the PGD evaluation the estimate is timed on).
+AA_SAFETY = 1.5
 #: Input-gradient passes per point of the other evaluation parts: clean (1) + PGD-20 (20) on the
 #: whole test set; on check_n points the ladder (PGD-4, PGD-40 x 2) and the large-eps sweep (20).
 PGD_PASSES = 21
@@ -734,18 +739,6 @@ def main(argv=None) -> int:
     for name, m in models.items():
         reports[name] = {'full': evaluate_model(name, m['raw'], x_test, y_test, info, n_total, args, device,
                                                 autoattack=False, footnote=footnote, log=log), 'aa': None}
-    left = end - time.perf_counter() - 2 * export_s
-    per_point = sum(autoattack_seconds_per_point(r['full'], aa_attacks(args)) for r in reports.values())
-    aa_n = min(args.aa_n, len(x_test), max(0, int(left / per_point)) if per_point > 0 else args.aa_n)
-    if aa_n < args.aa_n:
-        log(f'[eval] AutoAttack on the first {aa_n} points (of {args.aa_n} asked): the {left:.0f}s left hold no '
-            f'more at an estimated {per_point:.2f}s per point for both models')
-    for name, m in models.items():
-        if aa_n > 0:
-            reports[name]['aa'] = evaluate_model(name, m['raw'], x_test[:aa_n], y_test[:aa_n], info, n_total, args,
-                                                 device, autoattack=True, footnote=footnote, log=log)
-
-    # ---- export and the JSON
     summary: Dict[str, Any] = {
         'schema': 'timm-edl-release/1', 'command': ' '.join([Path(sys.argv[0]).name] + list(argv or sys.argv[1:])),
         'date': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'environment': env,
@@ -753,23 +746,46 @@ def main(argv=None) -> int:
         'dataset': {'name': info.name, 'display_name': info.display_name, 'lossy': info.lossy,
                     'train': len(train_data), 'val_held_out': len(val_data), 'test': len(x_test),
                     'test_total': n_total},
-        'data_seconds': round(data_seconds, 2), 'calibration': calibration, 'plan': plan,
-        'autoattack_n': aa_n, 'models': {},
+        'data_seconds': round(data_seconds, 2), 'calibration': calibration, 'plan': plan, 'models': {},
     }
+
+    def write_results(stage: str) -> None:
+        """Exports, evaluation JSONs, release.json and (``--pack``) the packed files, as they stand:
+        written once after the PGD evaluation and again after AutoAttack, so that a run killed
+        during AutoAttack (past the device command's limit) still leaves weights and numbers."""
+        for name, m in models.items():
+            evaluated = [r for r in (reports[name]['full'], reports[name]['aa']) if r is not None]
+            folder = export(name, m['raw'], evaluated, out, info, tag)
+            summary['models'][name] = {
+                **results[name], 'export': str(folder),
+                'eval_full': summarise(reports[name]['full']), 'eval_autoattack': summarise(reports[name]['aa']),
+            }
+            for key, report in (('full', reports[name]['full']), ('autoattack', reports[name]['aa'])):
+                if report is not None:
+                    (out / f'eval_{name}_{key}.json').write_text(json.dumps(report, indent=2, default=str))
+        total = time.perf_counter() - t_budget0
+        summary.update(stage=stage, seconds_total=round(total, 1), within_budget=total <= budget_s)
+        (out / 'release.json').write_text(json.dumps(summary, indent=2, default=str))
+        if args.pack:
+            for path in pack(out, Path(args.pack)):
+                log(f'packed {path} ({path.stat().st_size / 2**20:.1f} MiB)')
+
+    summary['autoattack_n'] = 0
+    write_results('pgd evaluated; AutoAttack pending')
+    left = end - time.perf_counter() - export_s
+    per_point = AA_SAFETY * sum(autoattack_seconds_per_point(r['full'], aa_attacks(args)) for r in reports.values())
+    aa_n = min(args.aa_n, len(x_test), max(0, int(left / per_point)) if per_point > 0 else args.aa_n)
+    if aa_n < args.aa_n:
+        log(f'[eval] AutoAttack on the first {aa_n} points (of {args.aa_n} asked): the {left:.0f}s left hold no '
+            f'more at an estimated {per_point:.2f}s per point for both models')
+    summary['autoattack_n'] = aa_n
+    summary['autoattack_seconds_per_point_estimate'] = round(per_point, 4)
     for name, m in models.items():
-        evaluated = [r for r in (reports[name]['full'], reports[name]['aa']) if r is not None]
-        folder = export(name, m['raw'], evaluated, out, info, tag)
-        summary['models'][name] = {
-            **results[name], 'export': str(folder),
-            'eval_full': summarise(reports[name]['full']), 'eval_autoattack': summarise(reports[name]['aa']),
-        }
-        for key, report in (('full', reports[name]['full']), ('autoattack', reports[name]['aa'])):
-            if report is not None:
-                (out / f'eval_{name}_{key}.json').write_text(json.dumps(report, indent=2, default=str))
-    total = time.perf_counter() - t_budget0
-    summary['seconds_total'] = round(total, 1)
-    summary['within_budget'] = total <= budget_s
-    (out / 'release.json').write_text(json.dumps(summary, indent=2, default=str))
+        if aa_n > 0:
+            reports[name]['aa'] = evaluate_model(name, m['raw'], x_test[:aa_n], y_test[:aa_n], info, n_total, args,
+                                                 device, autoattack=True, footnote=footnote, log=log)
+    write_results('done')
+
     rows = [('clean (full test set)', 'eval_full', 'clean_acc'), ('PGD-20 (full test set)', 'eval_full', 'pgd20_acc'),
             (f'AutoAttack (first {aa_n})', 'eval_autoattack', 'autoattack_acc')]
     log(f"{info.display_name}, Linf eps {args.eps}; {results['edlnet']['epochs_done']} epochs of FGSM-RS each")
@@ -786,13 +802,10 @@ def main(argv=None) -> int:
                         | set((summary['models'][name]['eval_autoattack'] or {}).get('failed_checks', [])))
         log(f"[{name}] checks: {'FAILED ' + ', '.join(failed) if failed else 'passed'}; training "
             f"{summary['models'][name]['train_images_per_s']} img/s")
-    log(f"wrote {out / 'release.json'} and {out / 'export'}; {total:.0f}s of the {budget_s:.0f}s budget")
+    log(f"wrote {out / 'release.json'} and {out / 'export'}; {summary['seconds_total']:.0f}s of the "
+        f"{budget_s:.0f}s budget")
     log_file.close()
-    if args.pack:
-        for path in pack(out, Path(args.pack)):
-            print(f'[release] packed {path} ({path.stat().st_size / 2**20:.1f} MiB)', flush=True)
     return 0
-
 
 if __name__ == '__main__':
     sys.exit(main())
