@@ -171,7 +171,8 @@ def run(args):
         epochs = max(1, int((0.95 * left - reserve) // (out['edl']['epoch_s'] + out['twin']['epoch_s'])))
         rest = (left - epochs * (out['edl']['epoch_s'] + out['twin']['epoch_s'])
                 - sum(out[n]['eval_s'] - out[n]['aa_1000_s'] for n in ('edl', 'twin')))
-        per_point = (out['edl']['aa_1000_s'] + out['twin']['aa_1000_s']) / AA_POINTS
+        # release_gpu sizes AutoAttack with a margin (AA_SAFETY) on its estimate
+        per_point = R.AA_SAFETY * (out['edl']['aa_1000_s'] + out['twin']['aa_1000_s']) / AA_POINTS
         out['epochs_in_budget'] = epochs
         out['aa_points_in_budget'] = max(0, min(AA_POINTS, int(rest / per_point)))
         cases[case] = out
@@ -251,7 +252,7 @@ def markdown(r, argv) -> str:
         f"**{_span(ea, eb, 'epochs_in_budget')} epochs** of fast AT each (the twin takes the "
         f"EDLNet's epochs) and run AutoAttack on {_span(ea, eb, 'aa_points_in_budget')} of the 1,000 points asked "
         "(`release_gpu.py` plans the real numbers from its own timings: the evaluation gets its estimate "
-        "but at most 60 % of the time, then AutoAttack is cut to what is left). At half the assumed "
+        "but at most 60 % of the time, then AutoAttack is cut to what is left, sized with a 1.5x margin). At half the assumed "
         f"fraction ({50 * a['fraction']:.1f} %) every rate halves: "
         f"{_span(r['estimate']['a_half'], r['estimate']['b_half'], 'epochs_in_budget')} epochs, "
         f"AutoAttack on {_span(r['estimate']['a_half'], r['estimate']['b_half'], 'aa_points_in_budget')} points."
