@@ -805,3 +805,18 @@ def test_input_gradient_is_sane_at_every_beta():
                 analytic = (grad * d).sum().item()
                 errors.append(abs(fd - analytic) / max(abs(fd), abs(analytic), 1e-12))
         assert float(np.median(errors)) < 0.05, (beta, errors)
+
+
+@pytest.mark.parametrize('name', ALL_ARCHS)
+def test_features_only_without_arguments_gives_every_level(name):
+    """timm's default out_indices asked for 5 levels; the 3-stage WideResNets have 4
+    (create_model('edlnet_wrn28_10', features_only=True) raised IndexError)."""
+    channels, reductions = ARCHS[name][4], ARCHS[name][5]
+    model = timm.create_model(name, features_only=True, edl_layers='none').eval()
+    assert model.feature_info.channels() == list(channels)
+    assert model.feature_info.reduction() == list(reductions)
+    size = 64 if name.endswith('_in') else 32
+    with torch.no_grad():
+        feats = model(torch.rand(1, 3, size, size))
+    assert [f.shape[1] for f in feats] == list(channels)
+    assert [size // f.shape[-1] for f in feats] == list(reductions)

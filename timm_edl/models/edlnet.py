@@ -466,9 +466,12 @@ def _create_edlnet(variant: str, pretrained: bool = False, **kwargs) -> EDLResNe
         _check_weights_exist(variant, kwargs)
         from ..hub import check_pretrained_source  # refuses pickles, validates safetensors
         kwargs = check_pretrained_source(variant, kwargs, allow_pickle=allow_pickle)
+    # every feature level by default (stem + stages): 4 for the 3-stage WideResNets, not timm's 5
+    levels = len(kwargs.get('layers', (2, 2, 2, 2))) + 1
     return build_model_with_cfg(
         EDLResNet, variant, pretrained,
         pretrained_filter_fn=_filter_pretrained,
+        feature_cfg=dict(out_indices=tuple(range(levels))),
         **kwargs,
     )
 
