@@ -167,7 +167,8 @@ def run(args):
         # release_gpu.py's plan: the evaluation gets its estimate but at most 60 % of the time
         # (--min-train-share 0.4); AutoAttack then gets what the training and PGD parts leave
         left = BUDGET_MIN * 60 - STARTUP_S - EXPORT_S
-        reserve = min(out['edl']['eval_s'] + out['twin']['eval_s'], 0.6 * left)
+        reserve = min(sum(out[n]['eval_s'] + (R.AA_SAFETY - 1) * out[n]['aa_1000_s'] for n in ('edl', 'twin')),
+                      0.6 * left)
         epochs = max(1, int((0.95 * left - reserve) // (out['edl']['epoch_s'] + out['twin']['epoch_s'])))
         rest = (left - epochs * (out['edl']['epoch_s'] + out['twin']['epoch_s'])
                 - sum(out[n]['eval_s'] - out[n]['aa_1000_s'] for n in ('edl', 'twin')))

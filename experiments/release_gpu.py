@@ -456,7 +456,7 @@ def aa_passes_per_point(attacks, clean: float, robust: float) -> float:
 def eval_seconds_estimate(cal: Dict[str, Any], n_test: int, aa_n: int, check_n: int, attacks) -> float:
     g = cal['input_grad_seconds_per_image']
     return g * (n_test * PGD_PASSES + check_n * CHECK_PASSES
-                + aa_n * aa_passes_per_point(attacks, PLAN_CLEAN, PLAN_ROBUST))
+                + AA_SAFETY * aa_n * aa_passes_per_point(attacks, PLAN_CLEAN, PLAN_ROBUST))
 
 
 def validate(raw, data: DeviceData, args, device, autocast) -> Dict[str, float]:
