@@ -28,8 +28,7 @@ Assumed (every one a parameter, printed with the result):
 * for the EDL model two cases: (a) the same fraction as the twin (time ratio = FLOP ratio);
   (b) the FLOP ratio times the CPU quotient.  Neither covers the GPU's own risk: the RISTA
   solver's element-wise steps are memory-bound on a GPU (about 206 FLOP per byte are needed
-  to be compute-bound on an H200), and each weight update triggers a step-size refresh with
-  a few host reads per layer; the first GPU run measures what is real;
+  to be compute-bound on an H200); the first GPU run measures what is real;
 * the release run's sizes: 49,000 training images per epoch + PGD-10 validation on 1,000,
   10,000 test points for clean + PGD-20, AutoAttack standard on 1,000 points at
   ``release_gpu.aa_passes_per_point`` (85 % clean, 50 % robust assumed) attack passes per
@@ -225,12 +224,11 @@ def markdown(r, argv) -> str:
         f"{a['export_s']:.0f} s exports; an epoch = 49,000 training images + PGD-10 validation on 1,000; "
         f"evaluation = clean + PGD-20 on 10,000 + checks on 100 + AutoAttack on 1,000.",
         '',
-        f"Not in the estimate: host reads per fast-AT step (each a GPU synchronisation), counted on the "
-        f"same step: twin {r['host_reads_per_step']['twin']}, EDL {r['host_reads_per_step']['edl']}; "
-        "`tests/test_release_gpu.py` checks that every one comes from the EDL layers' step-size refresh "
-        "after the weight update "
-        "(`timm_edl.layers.edl.operator_norm_sq`: Lanczos with an early stop and a small `eigh` per "
-        "iteration); on a GPU each stalls the queue, so they may cost more than the FLOPs of a step.",
+        f"Host reads per fast-AT step, counted on this CPU: twin {r['host_reads_per_step']['twin']}, EDL "
+        f"{r['host_reads_per_step']['edl']}, all of them CPU-only reads of the EDL layers (free there: beta's "
+        "value in the fused step, the adaptive stop of the step-size refresh); on an accelerator the layer "
+        "reads none (`tests/test_layer.py::test_accelerator_path_never_reads_a_value_back_to_the_host` runs "
+        "forward, backward and the refresh on the meta device, where any host read raises).",
         '',
         '| estimate | twin | EDL (a) | EDL (b) |',
         '|---|---|---|---|',
@@ -258,8 +256,7 @@ def markdown(r, argv) -> str:
         f"{_span(r['estimate']['a_half'], r['estimate']['b_half'], 'epochs_in_budget')} epochs, "
         f"AutoAttack on {_span(r['estimate']['a_half'], r['estimate']['b_half'], 'aa_points_in_budget')} points."
         + " The largest unknowns: the fraction itself, and the EDL layers on a GPU (memory-bound "
-        "element-wise steps; the step-size refresh's host reads after every update, see "
-        "`experiments/release_gpu.py`).",
+        "element-wise steps).",
         '',
         f"wall time: {r['wall_s']:.0f} s; {T.finish_info(r['info'])}",
         '',

@@ -67,14 +67,14 @@ bf16 autocast on CUDA (``--amp bf16``; the EDL layers run their whole solver in 
 dtype, step sizes stay float32), channels_last, the data tensor on the device (no loader, no
 host-to-device copies per batch), ``torch.compile`` of the model with ``--compile`` (eager is
 the default and the reference; ``release.json`` records which ran; compiling happens in the
-calibration's warm-up steps and counts against the budget; dynamo traces the EDL model with
-graph breaks at the step-size refresh's host reads, seen with ``backend='eager'`` on a CPU,
-while inductor itself has not run on it here), and no host
+calibration's warm-up steps and counts against the budget; dynamo traced the EDL model with
+graph breaks at the step-size refresh, seen with ``backend='eager'`` on a CPU, while inductor
+itself has not run on it here), and no host
 synchronisation inside the step: losses and accuracy counts are summed on the device and
-read once per epoch; the budget check reads the host clock. (The EDL layers' step-size refresh
-after each weight update, ``timm_edl.layers.edl.operator_norm_sq``, reads two scalars per
-Lanczos iteration on the host; ``tests/test_release_gpu.py`` checks that nothing else in the
-step synchronises.) Evaluation runs in float32 (TF32 convolutions on CUDA, cuDNN's default).
+read once per epoch; the budget check reads the host clock. (On an accelerator the EDL layers
+read nothing back either, their step-size refresh included: ``tests/test_layer.py`` runs them
+on the meta device; ``tests/test_release_gpu.py`` checks that nothing outside them reads a value
+in the step.) Evaluation runs in float32 (TF32 convolutions on CUDA, cuDNN's default).
 
 Everything here also runs on the CPU (``--device cpu``); ``--toy`` shrinks every size (widths
 8-64, 256 training images, 64 test points, 16 AutoAttack points with APGD-CE only,

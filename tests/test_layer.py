@@ -661,3 +661,18 @@ def test_fused_path_matches_reference_at_every_beta_regime(beta, nonneg, solver)
     grads_r = torch.autograd.grad(out_r, [x, reference.weight, reference.beta], g)
     for name, a, b in zip(['x', 'weight', 'beta'], grads_f, grads_r):
         assert torch.allclose(a, b, atol=1e-11, rtol=1e-9), name
+
+
+@pytest.mark.parametrize('solver', SOLVERS, ids=SOLVER_IDS)
+def test_accelerator_path_never_reads_a_value_back_to_the_host(solver):
+    """On the meta device a tensor has no value, so any host read (``float()``, ``.item()``,
+    a data-dependent branch) raises: the layer's forward, backward, cold step size and the
+    warm refresh after a weight update are what a GPU runs without synchronising."""
+    layer = EDLConv2d(4, 8, 3, beta=0.5, **solver).to('meta')
+    x = torch.empty(2, 4, 8, 8, device='meta', requires_grad=True)
+    out = layer(x)  # cold L
+    grads = torch.autograd.grad(out.sum(), [x, layer.weight, layer.beta])
+    assert [g.shape for g in grads] == [x.shape, layer.weight.shape, torch.Size([])]
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an optimizer step: the next forward refreshes L from the Ritz vector
+    assert layer(x).shape == (2, 8, 8, 8)
