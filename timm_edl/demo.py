@@ -21,7 +21,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / 'recipes' / 'cpu_fashion_mnist_pgd.yaml'
+from .train.config import RECIPES_DIR
+
+DEFAULT_RECIPE = RECIPES_DIR / 'cpu_fashion_mnist_pgd.yaml'
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -335,10 +335,32 @@ def build_config(values: Dict[str, Any], where: str = 'the recipe') -> TrainConf
     return _validate(TrainConfig(**kwargs))
 
 
-def read_recipe(path: os_PathLike) -> Dict[str, Any]:
+RECIPES_DIR = Path(__file__).resolve().parents[1] / 'recipes'  # shipped with the package; recipes/ links here
+
+
+def shipped_recipes() -> List[str]:
+    """Names of the ``timm-edl train`` recipes that ship with timm-edl (``timm_edl/recipes``,
+    ``recipes/`` in a checkout; ``recipes/timm/`` holds configs for timm's own train.py)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob('*.yaml'))
+
+
+def resolve_recipe(path: os_PathLike) -> Path:
+    """A recipe file: ``path`` itself when it exists, else the shipped recipe of that name
+    (``cpu_fashion_mnist_pgd`` or ``recipes/cpu_fashion_mnist_pgd.yaml``, from any folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe {str(path)!r} not found")
+    if path.is_file():
+        return path
+    name = path.as_posix()
+    name = name[len('recipes/'):] if name.startswith('recipes/') else name
+    shipped = RECIPES_DIR / (name if name.endswith('.yaml') else name + '.yaml')
+    if shipped.is_file():
+        return shipped
+    raise ConfigError(f"recipe {str(path)!r} not found, neither as a file nor as a shipped recipe; shipped: "
+                      f"{', '.join(shipped_recipes())}")
+
+
+def read_recipe(path: os_PathLike) -> Dict[str, Any]:
+    path = resolve_recipe(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
