@@ -23,7 +23,7 @@ step leaves no rounding residue and keeps the momentum/weight-decay step at ``w`
 
 EDL layers recompute their step size ``1/L`` whenever their dictionary changes (version
 counter), so the forward at ``w + v`` uses ``L(w + v)`` and the next forward at the restored
-weights refreshes ``L(w)`` again (two warm-started power iterations each time).
+weights refreshes ``L(w)`` again (a warm-started Lanczos refresh each time).
 
 Under DDP each process computes ``v`` from its own batch on the unwrapped model (no
 communication); the gradients of step 4 are averaged by DDP as usual and every process
