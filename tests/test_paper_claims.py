@@ -13,12 +13,10 @@ FMNIST = Path('/usr/share/datasets/fashion-mnist')
 
 
 def _load():
-    sys.path.insert(0, str(REPO / 'experiments'))  # as when run as a script: its helpers sit beside it
-    spec = importlib.util.spec_from_file_location('paper_claims', REPO / 'experiments' / 'paper_claims.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules['paper_claims'] = module
-    spec.loader.exec_module(module)
-    return module
+    # as when run as a script: experiments/ on the path (its helpers sit beside it), and one module
+    # object per name, shared with tests/test_elastic_decision.py (worker processes unpickle by name)
+    sys.path.insert(0, str(REPO / 'experiments'))
+    return importlib.import_module('paper_claims')
 
 
 pc = _load()
