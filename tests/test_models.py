@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -777,34 +778,17 @@ def test_input_gradient_is_sane_at_every_beta():
     """edlnet_resnet18 at initialisation, float64, eval mode, reference solver: for every beta
     the input gradient of the cross-entropy is finite, within 100x of the beta = 1 network's
     norm, and agrees with central finite differences (h = 1e-5, median relative error under
-    5 % over 8 random directions).  The original layer (init='zero', reweight='floor')
-    fails this from beta = 0.8 down: norms of 1e10 to 1e28 and 100 % disagreement."""
-    torch.manual_seed(0)
-    model = timm.create_model('edlnet_resnet18', edl_cfg=dict(fused=False)).double().eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64)
-    y = torch.tensor([1, 7])
-    directions = [torch.randn(x.shape, generator=g, dtype=torch.float64) for _ in range(8)]
-    directions = [d / d.norm() for d in directions]
-    h = 1e-5
-    reference_norm = None
-    for beta in (1.0, 0.8, 0.5, 0.3, 0.0):
-        for _, layer in edl_layers(model):
-            with torch.no_grad():
-                layer.beta.fill_(beta)
-        xg = x.clone().requires_grad_()
-        grad, = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)
-        assert torch.isfinite(grad).all(), beta
-        norm = grad.norm().item()
-        reference_norm = reference_norm or norm
-        assert reference_norm / 100 <= norm <= 100 * reference_norm, (beta, norm, reference_norm)
-        errors = []
-        with torch.no_grad():
-            for d in directions:
-                fd = (F.cross_entropy(model(x + h * d), y) - F.cross_entropy(model(x - h * d), y)).item() / (2 * h)
-                analytic = (grad * d).sum().item()
-                errors.append(abs(fd - analytic) / max(abs(fd), abs(analytic), 1e-12))
-        assert float(np.median(errors)) < 0.05, (beta, errors)
+    5 % over 8 random directions): the table of ``experiments/gradient_sanity.py``.  The
+    original layer (init='zero', reweight='floor') fails this from beta = 0.8 down: norms of
+    1e10 to 1e28 and 100 % disagreement (``--legacy``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'experiments'))
+    import gradient_sanity
+    rows = list(gradient_sanity.rows(legacy=False, betas=(1.0, 0.8, 0.5, 0.3, 0.0), n_dirs=8, h=1e-5))
+    assert [r[0] for r in rows] == [1.0, 0.8, 0.5, 0.3, 0.0]
+    for beta, norm, ratio, median_error, _, finite in rows:
+        assert finite, beta
+        assert 0.01 <= ratio <= 100, (beta, norm, ratio)
+        assert median_error < 0.05, (beta, median_error)
 
 
 @pytest.mark.parametrize('name', ALL_ARCHS)
