@@ -502,7 +502,7 @@ class _RistaStep(torch.autograd.Function):
             if b == 1.0:  # vanilla DL / the plain step: a = 1, dr = dq
                 dr = dq
             else:
-                dr = dq.mul_(slope if slope is not None else _l1_slope(r, beta, eps, mode, c))
+                dr = dq.mul_(slope if slope is not None else _l1_slope(r, beta, eps, mode))
             if c_local and dc is not None:  # c = mean |r| is a function of r too
                 if grad_c is not None:
                     dc = dc + grad_c
@@ -539,16 +539,13 @@ def _l1_part(r: torch.Tensor, eps: float, mode: str, c: Optional[torch.Tensor]) 
     return torch.div(r, torch.addcdiv(torch.full_like(c, eps), r.abs(), c))  # r / (|r| / c + eps)
 
 
-def _l1_slope(r: torch.Tensor, beta: torch.Tensor, eps: float, mode: str, c: Optional[torch.Tensor]) -> torch.Tensor:
-    """``beta + (1 - beta) p'(r)`` with ``c`` held fixed (a new tensor)."""
+def _l1_slope(r: torch.Tensor, beta: torch.Tensor, eps: float, mode: str) -> torch.Tensor:
+    """``beta + (1 - beta) p'(r)`` for 'floor' and 'additive' (a new tensor; the backward
+    computes 'scale_free''s slope together with dLoss/dc)."""
     if mode == 'floor':
         return torch.where(r.abs() < eps, beta + (1.0 - beta) * (0.5 / eps), beta)
-    if mode == 'additive':
-        d = r.abs().add_(eps)
-        return d.mul_(d).reciprocal_().mul_((1.0 - beta) * 0.5 * eps).add_(beta)
-    assert c is not None
-    d = r.abs().div_(c).add_(eps)  # p'(r) = eps / (|r| / c + eps)^2
-    return d.mul_(d).reciprocal_().mul_((1.0 - beta) * eps).add_(beta)
+    d = r.abs().add_(eps)
+    return d.mul_(d).reciprocal_().mul_((1.0 - beta) * 0.5 * eps).add_(beta)
 
 
 def _reweighted_residual(r: torch.Tensor, beta: torch.Tensor, eps: float, mode: str,
