@@ -350,6 +350,32 @@ def test_finetune_from_a_converted_conv_checkpoint(tmp_path):
     assert f'loaded weights from {ckpt}' in log and 'converted 5 convolutions' in log
 
 
+def test_initial_weights_refuse_pickles_and_reinitialise_another_head(tmp_path, capsys):
+    """A torch.save checkpoint is refused as everywhere in the package (UnsafeCheckpointError, a
+    one-line error from the CLI) unless allow_pickle; a head for another number of classes is
+    left as built, every other weight is loaded."""
+    from timm_edl.hub import UnsafeCheckpointError
+    from timm_edl.train.model import load_initial_weights
+    torch.manual_seed(0)
+    source = timm.create_model('edlnet_resnet18', num_classes=5, in_chans=1, stem_type='imagenet', layers=(1, 1),
+                               widths=(8, 16), stem_width=8)
+    pth = tmp_path / 'five_classes.pth'
+    torch.save({'state_dict': {f'module.{k}': v for k, v in source.state_dict().items()}}, pth)
+    model = tiny_model()
+    head = model.fc.weight.detach().clone()
+    with pytest.raises(UnsafeCheckpointError, match='allow_pickle'):
+        load_initial_weights(model, str(pth))
+    assert main(tiny_args(tmp_path / 'run', checkpoint=pth)) == 2
+    err = capsys.readouterr().err
+    assert 'refusing to load' in err and 'Traceback' not in err
+    assert not (tmp_path / 'run').exists()
+    messages = []
+    load_initial_weights(model, str(pth), allow_pickle=True, log=messages.append)
+    assert torch.equal(model.fc.weight, head)
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert 'fc.weight, fc.bias re-initialised' in messages[0]
+
+
 def test_mixed_precision_and_accumulation_run(tmp_path):
     cfg = tiny_config(tmp_path / 'run', epochs=1, train_n_ex=128, mixed_precision='bf16', grad_accum_steps=2,
                       clip_grad=1.0, objective='trades')

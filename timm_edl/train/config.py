@@ -49,6 +49,7 @@ class TrainConfig:
     model_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     pretrained: bool = False                  # timm pretrained weights of `model` (its tag)
     checkpoint: Optional[str] = None          # initial weights: .safetensors / .pth state dict, or an export folder
+    allow_pickle: bool = False                # accept a pickle-based checkpoint (.pth/.bin) you trust
     convert: Optional[str] = None             # convert_to_edl policy applied after loading ('default', 'all', ...)
     convert_kwargs: Dict[str, Any] = field(default_factory=dict)  # EDLConv2d options for the conversion
     elastic_from_epoch: Optional[int] = None  # two-stage: beta frozen at 1 before this epoch, trained from it on
@@ -114,7 +115,7 @@ class TrainConfig:
 #: Keys that may differ between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset({
     'output', 'num_workers', 'progress', 'save_every_steps', 'keep_checkpoints', 'stop_after_steps', 'download',
-    'data_dir', 'val_batch_size',
+    'data_dir', 'val_batch_size', 'allow_pickle',
 })
 
 

@@ -1,0 +1,71 @@
+"""Hub-ready exports of a run's model (``best/``, ``final/``) and the numbers they carry."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch.nn as nn
+from accelerate.utils import extract_model_from_parallel
+
+from .. import data as D
+from .config import TrainConfig
+
+__all__ = ['export_model', 'eval_results']
+
+
+def export_model(model: nn.Module, folder: Path, eval_results: Optional[Dict[str, Any]], *,
+                 label_names: Optional[List[str]] = None, tag: Optional[str] = None) -> str:
+    """Write a Hub-ready folder with :func:`timm_edl.hub.export` (model.safetensors, config.json,
+    README.md card), or, where that module is missing, with timm's ``save_for_hf``
+    (model.safetensors + config.json) plus eval_results.json.  Returns the exporter used."""
+    # a CPU copy without accelerate's mixed-precision forward (the training model keeps it)
+    plain = extract_model_from_parallel(copy.deepcopy(model), keep_fp32_wrapper=False).cpu().eval()
+    try:
+        from ..hub import export as hub_export
+    except ImportError:
+        hub_export = None
+    if label_names is not None and len(label_names) == getattr(plain, 'num_classes', -1):
+        plain.pretrained_cfg = dict(plain.pretrained_cfg, label_names=tuple(label_names))
+    if hub_export is not None:
+        arch = getattr(plain, 'pretrained_cfg', {}).get('architecture')
+        kwargs: Dict[str, Any] = dict(eval_results=eval_results, overwrite=True)
+        if label_names is not None and len(label_names) == getattr(plain, 'num_classes', -1):
+            kwargs['label_names'] = list(label_names)
+        if arch and tag and arch.startswith('edlnet_'):
+            kwargs['model_name'] = f'{arch}.{tag}'
+        hub_export(plain, folder, **kwargs)
+        return 'timm_edl.hub.export'
+    from timm.models import save_for_hf
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_for_hf(plain, str(folder), safe_serialization=True)
+    if eval_results:
+        (folder / 'eval_results.json').write_text(json.dumps(eval_results, indent=2))
+    return 'timm.models.save_for_hf'
+
+
+def eval_results(cfg: TrainConfig, info: D.DatasetInfo, metrics: Dict[str, Any], use_ema: bool,
+                 eps: float) -> Optional[Dict[str, Any]]:
+    """The validation numbers in :mod:`timm_edl.hub`'s evaluation-result format (fractions).
+
+    They are training-time numbers (PGD-k, one restart, on the validation subset), labelled
+    with their split; a full evaluation (``timm-edl eval``) should replace them before publishing.
+    """
+    prefix = 'ema_' if use_ema else ''
+    clean, robust = metrics.get(f'{prefix}clean_top1'), metrics.get(f'{prefix}robust_top1')
+    if clean is None:
+        return None
+    return {
+        'dataset': info.name,
+        'split': 'train-holdout' if cfg.val_split == 'holdout' else 'test',
+        'n_ex': cfg.val_n_ex,
+        'clean_acc': clean / 100.0,
+        'pgd_acc': robust / 100.0,
+        'threat_model': cfg.norm,
+        'eps': eps,
+        'pgd_steps': cfg.val_attack_steps,
+        'pgd_restarts': 1,
+    }

@@ -1,0 +1,271 @@
+"""One epoch of adversarial training and its end (summary, validation, best export).
+
+accelerate does device placement, mixed precision (``autocast``), gradient accumulation
+(``accumulate``) and the cross-process reductions; timm's ``ModelEmaV3`` the EMA,
+``distribute_bn`` the BatchNorm sync and ``update_summary`` the summary CSV.
+
+The attack's random start for batch ``b`` of epoch ``e`` on rank ``r`` is seeded by
+``(seed, e, b, r)``, so a resumed run crafts exactly the inputs of an uninterrupted one.
+Under DDP, parameters that were frozen when the model was wrapped (beta, until the elastic
+stage) are not reduced by DDP: their gradients are averaged here.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.utils import distribute_bn, update_summary
+from tqdm.auto import tqdm
+
+from .. import data as D
+from .awp import perturb_weights
+from .checkpoint import SUMS, TrainState, save_checkpoint
+from .config import TrainConfig
+from .data import EpochShuffleSampler, mix_seed
+from .export import eval_results, export_model
+from .model import beta_metrics, enter_stage, stage_for
+from .objectives import craft, needs_clean_forward, training_loss
+from .validation import validate
+
+__all__ = ['Run', 'start_epoch', 'train_one_epoch', 'finish_epoch', 'export_final']
+
+
+@dataclass
+class Run:
+    """A run in progress: the config, accelerate's prepared objects and the loop state."""
+    cfg: TrainConfig
+    accelerator: Any
+    output: Path
+    log: Callable[[str], None]
+    model: nn.Module                  # as prepared (DDP-wrapped with several processes)
+    raw: nn.Module                    # the same model unwrapped
+    optimizer: Any
+    scheduler: Any
+    ema: Any                          # timm ModelEmaV3 or None
+    train_loader: Any
+    sampler: EpochShuffleSampler
+    val_loader: Any                   # None: no validation
+    state: TrainState
+    eps: float
+    val_eps: float
+    info: D.DatasetInfo
+    has_edl: bool = False
+    ddp_param_ids: set = field(default_factory=set)  # parameters DDP reduces (trainable when wrapped)
+    stage: Optional[str] = None
+    extra_params: List[nn.Parameter] = field(default_factory=list)  # trainable now, not reduced by DDP
+    seen: List[torch.Tensor] = field(default_factory=list)
+    last_eval: Dict[str, float] = field(default_factory=dict)
+    t0: float = 0.0                   # start of the epoch's time not yet in state.epoch_time
+    attack_generator: Optional[torch.Generator] = None
+
+    def save(self) -> None:
+        """Bank the epoch's time and save the state."""
+        self.state.epoch_time += time.time() - self.t0
+        save_checkpoint(self.accelerator, self.state, self.output, self.cfg.keep_checkpoints)
+        self.t0 = time.time()
+
+
+def start_epoch(run: Run, epoch: int) -> None:
+    """Enter the epoch's EDL stage, set the LR schedule and the data order."""
+    cfg, raw = run.cfg, run.raw
+    wanted = stage_for(cfg, epoch) if run.has_edl else None
+    if wanted is not None and wanted != run.stage:
+        enter_stage(raw, wanted, cfg.elastic_beta_init)
+        released = wanted == 'elastic' and cfg.elastic_beta_init is not None
+        start = f", beta from {cfg.elastic_beta_init:g}" if released else ''
+        run.log(f"epoch {epoch + 1}: EDL beta mode -> {wanted} (set_beta_mode{start})")
+        run.stage = wanted
+    if run.accelerator.num_processes > 1:
+        run.extra_params = [p for p in raw.parameters() if p.requires_grad and id(p) not in run.ddp_param_ids]
+    if run.scheduler is not None:
+        run.scheduler.step(epoch)
+        run.scheduler.step_update(run.state.global_update)
+    run.sampler.set_epoch(epoch)
+    run.t0 = time.time()
+
+
+def progress_bar_enabled(cfg: TrainConfig, is_main: bool) -> bool:
+    """tqdm bars on the main process: always, never, or when stderr is a terminal."""
+    if not is_main or cfg.progress == 'never':
+        return False
+    return cfg.progress == 'always' or sys.stderr.isatty()
+
+
+def train_one_epoch(run: Run, epoch: int) -> bool:
+    """Train the rest of ``epoch``; False when ``stop_after_steps`` stopped the run."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    run.model.train()
+    skip = state.step_in_epoch
+    loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    loader.set_epoch(epoch)  # accelerate re-sets the sampler's epoch from its own counter on iter()
+    run.sampler.set_epoch(epoch)
+    bar = tqdm(loader, total=len(run.train_loader), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not progress_bar_enabled(cfg, accelerator.is_main_process), leave=False, dynamic_ncols=True)
+    with bar:
+        for x, y, index in bar:
+            run.seen.append(index.detach().cpu())
+            _train_step(run, epoch, x, y)
+            state.step_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.global_update += 1
+            if run.ema is not None:
+                run.ema.update(run.raw, step=state.global_update)
+            if run.scheduler is not None:
+                run.scheduler.step_update(state.global_update)
+            if not bar.disable and state.step_in_epoch % 10 == 0:
+                bar.set_postfix(loss=f"{state.sums['loss'] / max(state.sums['n'], 1):.3f}")
+            if cfg.save_every_steps and state.global_update % cfg.save_every_steps == 0:
+                run.save()
+            if cfg.stop_after_steps is not None and state.global_update >= cfg.stop_after_steps:
+                return False
+    return True
+
+
+def _train_step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Craft the inputs, take one (accumulated) optimizer step and add the batch's metrics."""
+    cfg, accelerator, model, raw = run.cfg, run.accelerator, run.model, run.raw
+    if run.attack_generator is None:
+        run.attack_generator = torch.Generator(device=accelerator.device)
+    generator = run.attack_generator.manual_seed(
+        mix_seed(cfg.seed, 4, epoch, run.state.step_in_epoch, accelerator.process_index))
+    clean_eval = None
+    if not needs_clean_forward(cfg.objective):
+        # clean metrics for objectives whose loss sees only x_adv: an eval-mode forward
+        # before the update (so the state saved after it stays consistent)
+        raw.eval()
+        with torch.no_grad(), accelerator.autocast():
+            clean_eval = raw(x).detach()
+        raw.train()
+    loss_fn = dict(trades_beta=cfg.trades_beta, mart_beta=cfg.mart_beta)
+    with accelerator.accumulate(model):
+        x_in = craft(cfg.objective, raw, x, y, eps=run.eps, norm=cfg.norm, steps=cfg.attack_steps,
+                     step_size=cfg.attack_step_size, fast_alpha=cfg.fast_alpha, craft_bn=cfg.craft_bn,
+                     generator=generator)
+        awp = None
+        if cfg.awp_gamma > 0 and epoch >= cfg.awp_warmup:  # AWP: the loss at w + v (awp.py)
+            with accelerator.autocast():
+                awp = perturb_weights(raw, lambda m: training_loss(cfg.objective, m, x, x_in, y, **loss_fn)[0],
+                                      cfg.awp_gamma)
+        loss, logits = training_loss(cfg.objective, model, x, x_in, y, **loss_fn)
+        accelerator.backward(loss)
+        if awp is not None:
+            awp.restore()  # w exactly, before the optimizer step
+        if accelerator.sync_gradients:
+            if run.extra_params:
+                _average_gradients(accelerator, run.extra_params)
+            if cfg.clip_grad:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    clean = logits['clean'] if logits['clean'] is not None else clean_eval
+    _add_batch_metrics(run.state.sums, loss, clean, logits['adv'], y)
+
+
+def _average_gradients(accelerator, params: List[nn.Parameter]) -> None:
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), 'mean')
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+@torch.no_grad()
+def _add_batch_metrics(sums: Dict[str, float], loss: torch.Tensor, clean: Optional[torch.Tensor],
+                       adv: Optional[torch.Tensor], y: torch.Tensor) -> None:
+    b = float(len(y))
+    sums['n'] += b
+    sums['loss'] += float(loss.detach()) * b
+    for prefix, logits in (('clean', clean), ('robust', adv)):
+        if logits is not None:
+            sums[f'{prefix}_n'] += b
+            sums[f'{prefix}_loss'] += float(F.cross_entropy(logits.float(), y)) * b
+            sums[f'{prefix}_correct'] += float((logits.argmax(1) == y).sum())
+
+
+def _fmt(value: Optional[float], pct: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return '-'
+    return f"{value:.2f}%" if pct else f"{value:.4f}"
+
+
+def _train_metrics(run: Run) -> Dict[str, Any]:
+    """The epoch's training metrics over all processes (plus each EDL layer's beta)."""
+    accelerator = run.accelerator
+    totals = torch.tensor([run.state.sums[k] for k in SUMS], dtype=torch.float64, device=accelerator.device)
+    s = dict(zip(SUMS, accelerator.reduce(totals, 'sum').tolist()))
+    ratio = lambda a, b, pct=1.0: (pct * s[a] / s[b]) if s[b] else None  # noqa: E731
+    return {
+        'loss': ratio('loss', 'n'),
+        'clean_loss': ratio('clean_loss', 'clean_n'), 'clean_top1': ratio('clean_correct', 'clean_n', 100.0),
+        'robust_loss': ratio('robust_loss', 'robust_n'),
+        'robust_top1': ratio('robust_correct', 'robust_n', 100.0),
+        'stage': run.stage or ('none' if not run.has_edl else 'as-built'),
+        **beta_metrics(run.raw),
+    }
+
+
+def finish_epoch(run: Run, epoch: int) -> None:
+    """Write the epoch's summary row and log line, validate (every ``val_every`` epochs and
+    at the last), export a new best model and move on to the next epoch."""
+    cfg, accelerator, state, raw, ema = run.cfg, run.accelerator, run.state, run.raw, run.ema
+    if accelerator.num_processes > 1:  # every rank validates and exports with rank 0's BN statistics (as timm)
+        distribute_bn(raw, accelerator.num_processes, reduce=False)
+    train_metrics = _train_metrics(run)
+    do_eval = run.val_loader is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
+    eval_metrics: Dict[str, Any] = {'clean_top1': None, 'robust_top1': None}
+    if ema is not None:
+        eval_metrics.update(ema_clean_top1=None, ema_robust_top1=None)
+    if do_eval:
+        eval_metrics.update(validate(raw, run.val_loader, cfg, run.val_eps, accelerator))
+        if ema is not None:
+            ema_metrics = validate(ema.module, run.val_loader, cfg, run.val_eps, accelerator)
+            eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+        run.last_eval = {k: v for k, v in eval_metrics.items() if v is not None}
+    train_metrics['epoch_time'] = state.epoch_time + (time.time() - run.t0)
+    lr = run.optimizer.param_groups[0]['lr']
+    if accelerator.is_main_process:
+        update_summary(epoch, train_metrics, eval_metrics, str(run.output / 'summary.csv'), lr=lr)
+    run.log(f"epoch {epoch + 1}/{cfg.epochs} [{train_metrics['stage']}] lr {lr:.4g} | train loss "
+            f"{_fmt(train_metrics['loss'], False)} clean {_fmt(train_metrics['clean_top1'])} adv "
+            f"{_fmt(train_metrics['robust_top1'])} | val clean {_fmt(eval_metrics['clean_top1'])} "
+            f"PGD-{cfg.val_attack_steps} {_fmt(eval_metrics['robust_top1'])}"
+            + (f" (EMA {_fmt(eval_metrics['ema_clean_top1'])} / {_fmt(eval_metrics['ema_robust_top1'])})"
+               if ema is not None and do_eval else '')
+            + (f" | beta {train_metrics['beta_mean']:.4f}" if 'beta_mean' in train_metrics else '')
+            + f" | {train_metrics['epoch_time']:.1f}s")
+    if do_eval:
+        metric = eval_metrics['ema_robust_top1' if ema is not None else 'robust_top1']
+        if state.best_metric is None or metric > state.best_metric:
+            state.best_metric, state.best_epoch = metric, epoch
+            if accelerator.is_main_process:
+                how = _export(run, 'best', eval_metrics)
+                run.log(f"new best robust accuracy {metric:.2f}% at epoch {epoch + 1}: exported "
+                        f"{run.output / 'best'} ({how})")
+            accelerator.wait_for_everyone()
+    state.next_epoch()
+
+
+def _export(run: Run, name: str, metrics: Dict[str, Any]) -> str:
+    cfg, info = run.cfg, run.info
+    results = eval_results(cfg, info, metrics, run.ema is not None, run.val_eps)
+    return export_model(run.ema.module if run.ema is not None else run.raw, run.output / name, results,
+                        label_names=list(info.class_names) if info.class_names else None,
+                        tag=f"{info.name.replace('-', '_')}_{cfg.objective}_{cfg.norm.lower()}")
+
+
+def export_final(run: Run) -> None:
+    """Export the model after the last epoch to ``final/`` (with the last validation's numbers)."""
+    if run.accelerator.is_main_process:
+        how = _export(run, 'final', run.last_eval)
+        state = run.state
+        run.log(f"done: final model exported to {run.output / 'final'} ({how})"
+                + (f"; best robust accuracy {state.best_metric:.2f}% (epoch {state.best_epoch + 1}) in "
+                   f"{run.output / 'best'}" if state.best_metric is not None else ''))
+    run.accelerator.wait_for_everyone()
