@@ -354,3 +354,21 @@ def add_common_args(parser, repeats: int) -> None:
     parser.add_argument('--edl-cfg', action='append', default=[], metavar='KEY=VALUE',
                         help='extra EDLConv2d keyword argument (repeatable), e.g. --edl-cfg fused=False')
     parser.add_argument('--note', default='', help='free text for the header line (e.g. "shared machine")')
+
+
+def finish(info: dict, elapsed: float, json_path, payload: dict) -> dict:
+    """End a benchmark run: print its wall time and the machine's state now, write ``payload``
+    (plus ``machine`` and ``wall_s``) to ``json_path`` (if given); returns the payload."""
+    end = finish_info(info)
+    print(f'\nwall time: {elapsed:.0f} s' + (f'; {end}' if end else ''))
+    payload = {**payload, 'machine': info, 'wall_s': elapsed}
+    write_json(json_path, payload)
+    return payload
+
+
+def script_main(run, parse_args):
+    """The ``main(argv) -> int`` of a benchmark script: ``run(parse_args(argv))``, exit status 0."""
+    def main(argv=None) -> int:
+        run(parse_args(argv))
+        return 0
+    return main

@@ -52,13 +52,8 @@ Example::
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import time
-
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))
 
 import _timing as T
 import timm
@@ -360,18 +355,12 @@ def run(args) -> dict:
           'call of that pass; measured / FLOP ratio > 1: the EDL model is slower than its FLOPs alone predict.')
     print()
     print(T.markdown_table(DETAIL_COLUMNS, detail_rows))
-    end = T.finish_info(info)
-    print(f'\nwall time: {elapsed:.0f} s' + (f'; {end}' if end else ''))
-    payload = {'benchmark': 'bench_attack', 'model': MODEL, 'machine': info, 'config': vars(args),
-               'edl_cfg_extra': extra, 'eps': EPS, 'pgd_steps': PGD_STEPS,
-               'results': results, 'wall_s': elapsed}
-    T.write_json(args.json, payload)
-    return payload
+    return T.finish(info, elapsed, args.json, {'benchmark': 'bench_attack', 'model': MODEL, 'config': vars(args),
+                                               'edl_cfg_extra': extra, 'eps': EPS, 'pgd_steps': PGD_STEPS,
+                                               'results': results})
 
 
-def main(argv=None) -> int:
-    run(parse_args(argv))
-    return 0
+main = T.script_main(run, parse_args)
 
 
 if __name__ == '__main__':

@@ -25,20 +25,15 @@ Example::
     python benchmarks/bench_layer.py --threads 2 --edl-cfg fused=False   # extra EDLConv2d kwargs
 """
 import argparse
-import os
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import _timing as T  # noqa: E402
-from timm_edl.convert import EDL_DEFAULTS  # noqa: E402
-from timm_edl.layers import EDLConv2d  # noqa: E402
+import _timing as T
+from timm_edl.convert import EDL_DEFAULTS
+from timm_edl.layers import EDLConv2d
 
 COLUMNS = ['K', 'pass', 'conv ms', 'EDL ms', 'spread conv / EDL', 'measured ratio',
            'ratio of minima', 'FLOP ratio (counted)', '2K-1', 'measured / FLOP ratio']
@@ -158,18 +153,12 @@ def run(args) -> dict:
     print('fwd+bwd counted ratio: the plain conv with an input that needs no grad skips grad-input in its '
           'backward; the EDL layer computes grad-input of every conv (even the first, since beta is '
           'learnable), hence 3(2K-1)/2 rather than 2K-1.')
-    end = T.finish_info(info)
-    print(f'wall time: {elapsed:.0f} s' + (f'; {end}' if end else ''))
-    payload = {'benchmark': 'bench_layer', 'machine': info, 'config': vars(args), 'edl_cfg': cfg,
-               'edl_settings': settings,
-               'results': results, 'wall_s': elapsed}
-    T.write_json(args.json, payload)
-    return payload
+    return T.finish(info, elapsed, args.json, {'benchmark': 'bench_layer', 'config': vars(args), 'edl_cfg': cfg,
+                                               'edl_settings': settings,
+                                               'results': results})
 
 
-def main(argv=None) -> int:
-    run(parse_args(argv))
-    return 0
+main = T.script_main(run, parse_args)
 
 
 if __name__ == '__main__':

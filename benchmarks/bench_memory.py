@@ -21,16 +21,14 @@ Example::
 """
 import argparse
 import sys
-from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _timing  # noqa: E402
+import timm
 
-import timm  # noqa: E402
-import timm_edl  # noqa: E402,F401
+import _timing
+import timm_edl  # noqa: F401
 
 VARIANTS = {
     'reference': dict(fused=False),

@@ -28,21 +28,16 @@ Example::
     python benchmarks/bench_model.py --threads 2 --edl-cfg fused=False   # extra EDLConv2d kwargs
 """
 import argparse
-import os
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.insert(1, os.path.dirname(_HERE))
+import timm
+import torch
+import torch.nn.functional as F
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import _timing as T  # noqa: E402
-import timm_edl  # noqa: E402,F401  (registers the edlnet models with timm)
-from timm_edl.layers import edl_layers  # noqa: E402
+import _timing as T
+import timm_edl  # noqa: F401  (registers the edlnet models with timm)
+from timm_edl.layers import edl_layers
 
 MODEL = 'edlnet_resnet18'
 COLUMNS = ['K', 'pass', 'conv twin ms', 'EDL ms', 'spread twin / EDL', 'measured ratio',
@@ -272,18 +267,12 @@ def run(args) -> dict:
         print()
         print('Per-layer forward FLOPs (the 1x1 shortcut convs and the fc layer are plain in both models):\n')
         print(T.markdown_table(LAYER_COLUMNS, layer_rows))
-    end = T.finish_info(info)
-    print(f'\nwall time: {elapsed:.0f} s' + (f'; {end}' if end else ''))
-    payload = {'benchmark': 'bench_model', 'model': MODEL, 'machine': info, 'config': vars(args),
-               'edl_cfg_extra': extra,
-               'results': results, 'wall_s': elapsed}
-    T.write_json(args.json, payload)
-    return payload
+    return T.finish(info, elapsed, args.json, {'benchmark': 'bench_model', 'model': MODEL, 'config': vars(args),
+                                               'edl_cfg_extra': extra,
+                                               'results': results})
 
 
-def main(argv=None) -> int:
-    run(parse_args(argv))
-    return 0
+main = T.script_main(run, parse_args)
 
 
 if __name__ == '__main__':

@@ -185,7 +185,7 @@ def beta_gradients(folder: Path, ds: str, eps: float, n: int, seed: int) -> dict
 def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Train, evaluate and measure one (dataset, arm, seed); cache one JSON (worker process)."""
     pc._single_thread()
-    from timm_edl.evaluation.threat import parse_eps
+    from timm_edl.threat import parse_eps
     started = time.time()
     job = Path(job_dir)
     train = pc.run_train_job(job_dir, {'kind': 'train', 'recipe': spec['recipe'], 'overrides': spec['overrides']})

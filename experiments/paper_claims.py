@@ -1,7 +1,7 @@
 """Reproduce the claims of the EDL paper (arXiv:2502.00834) at a scale a CPU can do.
 
 One script runs every training and every evaluation through the project's own entry points
-(:func:`timm_edl.train.train` = ``timm-edl train`` and :func:`timm_edl.evaluate.eval_main` =
+(:func:`timm_edl.train.train` = ``timm-edl train`` and :func:`timm_edl.cli.eval.main` =
 ``timm-edl eval``), caches each finished job as JSON, and writes ``docs/results.md`` plus PNG
 plots in ``docs/results/``. Every number in the Markdown is computed from the cached JSONs.
 
@@ -242,8 +242,7 @@ def _init_worker() -> None:
     one consistent version of the code even if the checkout changes while it lives (the
     evaluation modules are otherwise imported lazily, at the first evaluation)."""
     _single_thread()
-    import timm_edl.evaluate
-    import timm_edl.evaluation.cli
+    import timm_edl.cli.eval
     import timm_edl.evaluation.core
     import timm_edl.train.trainer  # noqa: F401
 
@@ -280,7 +279,7 @@ def run_eval_job(job_dir: str, spec: dict[str, Any]) -> dict[str, Any]:
     import contextlib
     import io
 
-    from timm_edl.evaluate import eval_main
+    from timm_edl.cli.eval import main as eval_main
     job = Path(job_dir)
     folder = job / f"eval_{spec['name']}"
     argv = ['--model', f"local-dir:{job / 'train' / spec['weights']}", '--out', str(folder)] + spec['argv']

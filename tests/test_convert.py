@@ -12,8 +12,9 @@ import torchvision
 
 import timm
 from timm_edl import EDLConv2d, hub, set_beta_mode
+from timm_edl.cli.convert import main as convert_main
 from timm_edl.convert import (
-    PRESERVE_FUNCTION, apply_conversion, conversion_config, convert_main, convert_to_edl, edl_layer_config,
+    PRESERVE_FUNCTION, apply_conversion, conversion_config, convert_to_edl, edl_layer_config,
     select_convs, set_edl_options,
 )
 from timm_edl.layers import edl_layers, operator_norm_sq

@@ -1,4 +1,4 @@
-"""Tests for the evaluation entry point (timm_edl.evaluate / timm_edl.evaluation).
+"""Tests for the evaluation entry point (timm_edl.cli.eval / timm_edl.evaluation).
 
 Real data: the embedded Fashion-MNIST subset.  A tiny EDLResNet is adversarially trained
 for a few seconds (FGSM-RS, vanilla DL: beta frozen at 1) in a module fixture; it is the
@@ -16,15 +16,15 @@ import timm
 import timm_edl
 from timm_edl.attacks import fgsm_rs, input_gradient
 from timm_edl.data import load_tensors
-from timm_edl.evaluate import (
-    EpsError, EvalConfig, EvaluationError, conv_twin, evaluate, main, naive_surrogate, parse_eps,
-    parse_eps_list,
+from timm_edl.cli.eval import main
+from timm_edl.evaluation import (
+    EpsError, EvalConfig, EvaluationError, conv_twin, evaluate, naive_surrogate, parse_eps, parse_eps_list,
 )
 from timm_edl.evaluation.runners import run_autoattack
 from timm_edl.layers import edl_layers
 
 TINY = dict(in_chans=1, num_classes=10, widths=(8, 16), layers=(1, 1), stem_width=8, stem_type='imagenet')
-TINY_CLI = ['--arch', 'edlnet_resnet18', '--model-kwargs', 'widths=(8,16)', 'layers=(1,1)', 'stem_width=8',
+TINY_CLI = ['--arch', 'edlnet_resnet18', '--model-kwargs', 'widths=[8,16]', 'layers=[1,1]', 'stem_width=8',
             'stem_type=imagenet']
 EPS = 0.1  # Fashion-MNIST's usual Linf radius (the dataset default)
 

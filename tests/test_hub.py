@@ -25,6 +25,8 @@ import yaml
 import timm
 import timm_edl
 from timm_edl import hub
+from timm_edl.cli.export import main as export_main
+from timm_edl.cli.push import main as push_main
 from timm_edl.convert import _EDL_KEYS
 from timm_edl.models import edlnet
 
@@ -222,7 +224,12 @@ def test_evaluation_results_from_files_and_lists(tmp_path):
                                                              clean_acc=0.9)
     folder = hub.export(tiny_edlnet(), tmp_path / 'out', eval_results=[path, clean_only])
     meta, text = read_card(folder)
-    assert len(meta['model-index'][0]['results']) == 3
+    [entry] = meta['model-index'][0]['results']  # huggingface_hub groups metrics by task and dataset
+    assert entry['dataset'] == dict(name='CIFAR-10', type='cifar10', split='test')
+    assert [(m['name'], m['args']['n_ex']) for m in entry['metrics']] == [
+        ('Clean accuracy', 1000), ('Robust accuracy (AutoAttack standard, Linf eps=8/255)', 1000),
+        ('Robust accuracy (PGD-20, Linf eps=8/255)', 1000), ('Robust accuracy (AutoAttack standard, L2 eps=0.5)', 1000),
+        ('Clean accuracy', 500)]
     assert '| CIFAR-10 (test) | 1000 | L2 | 0.5 |' in text
     with pytest.raises(FileNotFoundError):
         hub.read_eval_results(tmp_path / 'missing.json')
@@ -575,12 +582,12 @@ def test_push_dry_run_lists_files_without_network(exported, hub_cache, capsys):
     files = hub.push(exported['folder'], dry_run=True)
     sizes = {p.name: p.stat().st_size for p in exported['folder'].iterdir()}
     assert dict(files) == sizes
-    assert hub.push_main([str(exported['folder']), '--dry-run']) == 0
+    assert push_main([str(exported['folder']), '--dry-run']) == 0
     out = capsys.readouterr().out
     assert f'{hub.HUB_NAMESPACE}/edlnet_resnet18.test' in out and 'model.safetensors' in out
     with pytest.raises(ConnectionError, match='offline'):  # the real upload path, stopped by offline mode
         hub.push(exported['folder'], 'someone/repo')
-    assert hub.push_main([str(exported['folder']), '--repo-id', 'someone/repo']) == 1
+    assert push_main([str(exported['folder']), '--repo-id', 'someone/repo']) == 1
 
 
 def test_export_cli(exported, tmp_path, capsys):
@@ -590,19 +597,19 @@ def test_export_cli(exported, tmp_path, capsys):
     args = ['--model', 'edlnet_resnet18', '--model-kwargs', 'widths=[8,16,32,64]', 'stem_width=8',
             '--checkpoint', str(ckpt), '--eval-results', str(eval_json), '--model-name', 'edlnet_resnet18.cli',
             '--out', str(tmp_path / 'out'), '--card-dir', str(tmp_path / 'cards')]
-    assert hub.export_main(args) == 0
+    assert export_main(args) == 0
     assert (tmp_path / 'cards' / 'edlnet_resnet18.cli.md').is_file()
     assert torch.equal(logits(hub.load(str(tmp_path / 'out')), exported['x']), exported['y'])
-    assert hub.export_main(args) == 1  # the folder is not empty now
+    assert export_main(args) == 1  # the folder is not empty now
     assert 'not empty' in capsys.readouterr().err
     # re-export an export (e.g. to attach new results) from local-dir:
-    assert hub.export_main(['--model', f"local-dir:{tmp_path / 'out'}", '--out', str(tmp_path / 'again')]) == 0
+    assert export_main(['--model', f"local-dir:{tmp_path / 'out'}", '--out', str(tmp_path / 'again')]) == 0
     meta, text = read_card(tmp_path / 'again')
     assert 'No evaluation results' in text
-    assert hub.export_main(['--model', 'edlnet_resnet18', '--out', str(tmp_path / 'x')]) == 2
+    assert export_main(['--model', 'edlnet_resnet18', '--out', str(tmp_path / 'x')]) == 2
     pth = tmp_path / 'w.pth'
     torch.save(exported['model'].state_dict(), pth)
-    assert hub.export_main(['--model', 'edlnet_resnet18', '--model-kwargs', 'widths=[8,16,32,64]',
+    assert export_main(['--model', 'edlnet_resnet18', '--model-kwargs', 'widths=[8,16,32,64]',
                             'stem_width=8', '--checkpoint', str(pth), '--out', str(tmp_path / 'y')]) == 1
     assert 'allow_pickle' in capsys.readouterr().err
 

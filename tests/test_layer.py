@@ -538,7 +538,7 @@ def test_fused_path_matches_reference_values_and_gradients(stride, size, nonneg,
 @pytest.mark.parametrize('init,reweight,eps', [('zero', 'floor', 1e-3), ('ista', 'scale_free', 0.1),
                                                ('zero', 'scale_free', 0.1), ('ista', 'additive', 1e-2)])
 def test_fused_path_gradcheck(init, reweight, eps):
-    from timm_edl.layers.edl import rista_fused
+    from timm_edl.layers.rista import rista_fused
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 2, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -34,10 +34,7 @@ Serialising a conversion
 dict (the ``timm_edl_conversion`` block of an exported ``config.json``) and
 :func:`apply_conversion` re-applies it to a freshly built original architecture.
 """
-import argparse
-import json
 import re
-import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -47,7 +44,7 @@ from .layers import INITS, REWEIGHTS, EDLConv2d, edl_layers, with_legacy_options
 
 __all__ = [
     'EDL_DEFAULTS', 'PRESERVE_FUNCTION', 'POLICIES', 'select_convs', 'convert_to_edl',
-    'edl_layer_config', 'conversion_config', 'apply_conversion', 'set_edl_options', 'convert_main',
+    'edl_layer_config', 'conversion_config', 'apply_conversion', 'set_edl_options',
 ]
 
 # EDLConv2d keyword arguments used by EDLNets unless overridden (model arg ``edl_cfg``)
@@ -117,12 +114,6 @@ def select_convs(model: nn.Module, policy: Policy = 'default') -> List[str]:
     return [n for n in chosen if _convertible(by_name[n])]
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def _check_edl_kwargs(edl_kwargs: Dict[str, Any]) -> None:
     unknown = set(edl_kwargs) - _EDL_KEYS
     if unknown:
@@ -141,7 +132,7 @@ def _replace_conv(model: nn.Module, name: str, kwargs: Dict[str, Any], copy_weig
             if conv.bias is not None and edl.bias is not None:
                 edl.bias.copy_(conv.bias)
         edl.reset_step_cache()
-    _set_submodule(model, name, edl)
+    model.set_submodule(name, edl)
     return edl
 
 
@@ -333,90 +324,3 @@ def set_edl_options(model: nn.Module, **options: Any) -> nn.Module:
                 setattr(layer, key, bool(value))
         layer.reset_step_cache()
     return model
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _parse_kv(items: Optional[Sequence[str]], what: str) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition('=')
-        if not sep or not key:
-            raise SystemExit(f"timm-edl convert: {what} entries look like key=value, got {item!r}")
-        out[key] = _parse_value(value)
-    return out
-
-
-def _relative_logit_error(original: nn.Module, converted: nn.Module, input_size: Sequence[int]) -> float:
-    x = torch.rand(2, *input_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a = original.eval()(x)
-        b = converted.eval()(x)
-    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
-
-
-def convert_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``timm-edl convert``: convert a timm CNN and write an exported (Hub-ready) folder."""
-    p = argparse.ArgumentParser(
-        prog='timm-edl convert',
-        description='Turn the Conv2d layers of a timm CNN into EDL layers (dictionaries initialised from '
-                    'the conv weights) and write a Hub-ready folder (model.safetensors, config.json, README.md) '
-                    'that timm_edl.hub.load() reads.')
-    p.add_argument('--model', required=True, help='timm model name, e.g. resnet18 or resnet50.a1_in1k')
-    p.add_argument('--pretrained', action='store_true', help="load timm's pretrained weights first (needs the Hub)")
-    p.add_argument('--checkpoint', help='load these weights (safetensors) into the original model first')
-    p.add_argument('--allow-pickle', action='store_true',
-                   help='allow a .pth/.bin --checkpoint (read with torch.load(weights_only=True))')
-    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE', help='extra timm.create_model arguments')
-    p.add_argument('--policy', default='default',
-                   help=f"which convs: {', '.join(sorted(POLICIES))} (default: default)")
-    p.add_argument('--mode', choices=('preserve', 'edl'), default='preserve',
-                   help="'preserve' (default): function-preserving EDL layers (same outputs as the original); "
-                        "'edl': the EDLNet defaults (num_steps=2, lam=0.1, unit-norm atoms, L by Lanczos)")
-    p.add_argument('--edl-cfg', nargs='*', metavar='KEY=VALUE', help='EDLConv2d options, e.g. beta_learnable=false')
-    p.add_argument('--out', required=True, help='output folder (must be empty or absent)')
-    p.add_argument('--model-name', help='published model name (default: <model>_edl[.<tag>])')
-    p.add_argument('--overwrite', action='store_true', help='replace the files of an existing export in --out')
-    p.add_argument('--no-check', action='store_true', help='skip the logits comparison (preserve mode)')
-    args = p.parse_args(argv)
-
-    import copy
-
-    import timm
-
-    from . import hub
-
-    try:
-        model_kwargs = _parse_kv(args.model_kwargs, '--model-kwargs')
-        edl_cfg = _parse_kv(args.edl_cfg, '--edl-cfg')
-        model = timm.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-        if args.checkpoint:
-            hub.load_checkpoint(model, args.checkpoint, allow_pickle=args.allow_pickle)
-        original = copy.deepcopy(model) if args.mode == 'preserve' and not args.no_check else None
-        if args.mode == 'preserve':
-            convert_to_edl(model, args.policy, preserve_function=True, **edl_cfg)
-        else:
-            convert_to_edl(model, args.policy, **{**EDL_DEFAULTS, **edl_cfg})
-        n = len(edl_layers(model))
-        if n == 0:
-            print(f"timm-edl convert: policy {args.policy!r} selects no convertible Conv2d in {args.model}",
-                  file=sys.stderr)
-            return 1
-        print(f"converted {n} convolution(s) of {args.model} to EDL layers ({args.mode} mode)")
-        if original is not None:
-            input_size = model.pretrained_cfg.get('input_size', (3, 224, 224))
-            err = _relative_logit_error(original, model, input_size)
-            print(f"max |logit difference| / max |logit| on random inputs {tuple(input_size)}: {err:.2e}")
-        out = hub.export(model, args.out, model_name=args.model_name, overwrite=args.overwrite)
-    except (ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
-        print(f"timm-edl convert: error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0

@@ -57,7 +57,7 @@ def _train(args, name: str, extra: List[str]) -> Path:
 
 
 def _evaluate(args, folder: Path, name: str, eps: str) -> Dict:
-    from .evaluate import eval_main
+    from .cli.eval import main as eval_main
     out = Path(args.out) / 'eval' / name
     argv = ['--model', f'local-dir:{folder}', '--dataset', args.dataset, '--n-ex', str(args.n_ex),
             '--eps', eps, '--attacks', args.attacks, '--seed', str(args.seed), '--out', str(out)]

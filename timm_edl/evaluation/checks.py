@@ -35,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..attacks import input_gradient
-from .threat import l2_radius
+from ..threat import l2_radius
+from ..results import pct_text as _pct
 
 __all__ = [
     'Check', 'STATUSES', 'gradient_check', 'check_gradient', 'check_ordering', 'check_sweep',
@@ -74,10 +75,6 @@ class Check:
 def tolerance_for(n: int, tolerance: float) -> float:
     """Slack for comparing two accuracies on n points: ``tolerance``, and at least one point."""
     return max(float(tolerance), 1.0 / max(int(n), 1)) + 1e-9
-
-
-def _pct(v: Optional[float]) -> str:
-    return 'n/a' if v is None else f"{100 * v:.2f}%"
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -24,10 +24,9 @@ from .models import NAIVE_MODES, describe_model, naive_surrogate
 from .runners import (
     AUTOATTACK_VERSIONS, correct_under_attack, make_noise, make_pgd, predict_correct, run_autoattack,
 )
-from .threat import (
-    EvaluationError, canonical_threat_model, default_eps, format_eps, parse_eps,
-    parse_eps_list,
-)
+from .. import results
+from ..threat import canonical_threat_model, default_eps, format_eps, parse_eps, parse_eps_list
+from .errors import EvaluationError
 
 __all__ = ['EvalConfig', 'evaluate', 'ATTACKS', 'SCHEMA', 'state_key']
 
@@ -581,28 +580,14 @@ def unpack_correct(text: str, n: int) -> List[bool]:
 
 
 def model_index(report: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The Hub card's ``model-index`` block (same layout as ``timm-edl export`` renders)."""
-    pct = lambda v: round(100 * v, 2)  # noqa: E731
-    metrics = [{'type': 'accuracy', 'name': 'Clean accuracy', 'value': pct(report['clean_acc']),
-                'args': {'n_ex': report['n_ex']}, 'verified': False}]
-    tm, eps_text = report['threat_model'], report['eps_text']
-    for key, attack in (('autoattack_acc', f"AutoAttack {report.get('version') or ''}".strip()),
-                        ('pgd_acc', f"PGD-{report.get('pgd_steps')}")):
-        if report.get(key) is None:
-            continue
-        metrics.append({'type': 'robust-accuracy', 'name': f"Robust accuracy ({attack}, {tm} eps={eps_text})",
-                        'value': pct(report[key]),
-                        'args': {'threat_model': tm, 'eps': report['eps'], 'attack': attack, 'n_ex': report['n_ex']},
-                        'verified': False})
+    """The Hub card's ``model-index`` block of a report (:func:`timm_edl.results.model_index`,
+    the layout ``timm-edl export`` writes into the card)."""
     spec = report['model'].get('spec') or report['architecture']
     if spec.startswith('hf-hub:'):
         name = spec[len('hf-hub:'):]
     else:
         name = Path(spec.split(':', 1)[-1] if spec.startswith('local-dir:') else spec).name
         name = name[:-len('.safetensors')] if name.endswith('.safetensors') else name
-    return [{'name': report.get('name') or name, 'results': [{
-        'task': {'type': 'image-classification', 'name': 'Image Classification'},
-        'dataset': {'name': report['data_label'], 'type': report['dataset'], 'split': report['split']},
-        'metrics': metrics,
-        'source': {'name': 'timm-edl eval'},
-    }]}]
+    entry = {k: report.get(k) for k in ('dataset', 'split', 'n_ex', 'clean_acc', 'autoattack_acc', 'pgd_acc',
+                                        'threat_model', 'eps', 'eps_text', 'version', 'pgd_steps', 'data_label')}
+    return results.model_index(report.get('name') or name, [results.normalize_result(entry, 'evaluation report')])

@@ -1,100 +1,39 @@
 """Models for the evaluation: loading a ``--model`` spec, surrogates, descriptions.
 
-Model specs (``--model`` / ``--surrogate``):
-
-* ``edlnet_resnet18`` or ``edlnet_resnet18.cifar10``: timm's registry.  Published weights
-  are loaded when the tag has them; otherwise the model is randomly initialised (reported
-  loudly as ``weights: random-init``), with ``num_classes`` / ``in_chans`` taken from the
-  dataset unless ``--model-kwargs`` sets them.
-* ``hf-hub:<org>/<repo>`` and ``local-dir:<folder>`` (or a plain folder path): an exported
-  model (``timm_edl.hub.load``: config.json + model.safetensors).
-* ``path/to/weights.safetensors``: a weights file; the architecture comes from ``--arch``
-  or from a ``config.json`` beside the file.  Pickle files (``.pth``, ``.pt``, ``.bin``)
-  need ``--allow-pickle`` and are read with ``torch.load(weights_only=True)``.
+Model specs (``--model`` / ``--surrogate``) are resolved by :func:`timm_edl.hub.resolve_model`,
+the resolver every command uses: a registry name (randomly initialised models are reported
+loudly as ``weights: random-init``, with ``num_classes`` / ``in_chans`` from the dataset
+unless ``--model-kwargs`` sets them), ``hf-hub:`` / ``local-dir:`` / a folder (an export), or
+a weights file (architecture from ``--arch`` or a ``config.json`` beside it).
 
 Surrogates: ``twin`` (:func:`conv_twin`) or any model spec.  The naive evaluation's
 surrogate is :func:`naive_surrogate`.
 """
 import copy
-import difflib
-import hashlib
-import json
-from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-import timm
-
-from ..layers.edl import EDLConv2d, edl_layer_stats, edl_layers, rista
-from .threat import EvaluationError
+from ..layers import EDLConv2d, edl_layer_stats, edl_layers, rista
+from ..weights import state_dict_digest
+from .errors import EvaluationError
 
 __all__ = [
-    'ModelSpecError', 'parse_kwargs', 'load_model', 'conv_twin', 'naive_surrogate', 'NAIVE_MODES',
-    'describe_model', 'weights_digest', 'CHECKPOINT_SUFFIXES',
+    'ModelSpecError', 'load_model', 'conv_twin', 'naive_surrogate', 'NAIVE_MODES',
+    'describe_model', 'weights_digest',
 ]
 
-CHECKPOINT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.pth.tar', '.ckpt', '.tar')
 
 
 class ModelSpecError(EvaluationError):
     """The model spec cannot be resolved (unknown name, missing file, weights that do not fit)."""
 
 
-def parse_kwargs(items: Optional[Sequence[str]], option: str = '--model-kwargs') -> Dict[str, Any]:
-    """``['widths=(8,16)', 'edl_layers=none']`` -> ``{'widths': (8, 16), 'edl_layers': 'none'}``.
-
-    Values are Python literals where they parse as one, strings otherwise (as timm's
-    ``--model-kwargs``).
-    """
-    import ast
-    out: Dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = str(item).partition('=')
-        if not sep or not key.strip():
-            raise EvaluationError(f"{option}: expected key=value, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
-
-
-def _hub():
-    from .. import hub
-    return hub
-
-
 def weights_digest(model: nn.Module) -> str:
-    """``timm_edl.hub.state_dict_digest`` of the model ('sha256:<hex>'), the id that
+    """:func:`timm_edl.weights.state_dict_digest` of the model ('sha256:<hex>'), the id that
     ``timm-edl export`` checks evaluation results against."""
-    try:
-        return _hub().state_dict_digest(model)
-    except ImportError:  # pragma: no cover - hub unavailable
-        h = hashlib.sha256()
-        state = model.state_dict()
-        for key in sorted(state):
-            if key.endswith(('.lipschitz', '.lipschitz_size')):
-                continue
-            t = state[key].detach().cpu().contiguous()
-            h.update(f'{key}|{t.dtype}|{tuple(t.shape)}|'.encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return 'sha256:' + h.hexdigest()
-
-
-def _unknown_model_error(name: str) -> ModelSpecError:
-    all_models = timm.list_models()
-    close = difflib.get_close_matches(name, all_models, n=5, cutoff=0.6)
-    edl = [m for m in all_models if m.startswith('edlnet_')]
-    hint = f" Did you mean: {', '.join(close)}?" if close else ''
-    return ModelSpecError(
-        f"unknown model {name!r}: not in timm's registry, not an existing file or folder, and not an "
-        f"hf-hub:/local-dir: spec.{hint} EDLNets: {', '.join(edl)}.")
-
-
-def _load_error(spec: str, error: Exception) -> ModelSpecError:
-    return ModelSpecError(f"cannot load model {spec!r}: {type(error).__name__}: {error}")
+    return state_dict_digest(model)
 
 
 def load_model(
@@ -106,85 +45,15 @@ def load_model(
         in_chans: Optional[int] = None,
         allow_pickle: bool = False,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build the model a spec names (see the module docstring); returns ``(model, source)``.
-
-    ``num_classes`` / ``in_chans`` (the dataset's) are defaults for registry names only;
-    ``model_kwargs`` always win.  The model is returned in eval mode on the CPU.  ``source``
-    describes where the weights came from: ``{'spec', 'kind', 'architecture', 'weights',
-    'model_kwargs'}`` with kind in {'registry', 'hub', 'local-dir', 'checkpoint'} and
-    weights 'pretrained' | 'random-init' | the file or repo.
-    """
-    import timm_edl  # noqa: F401  (registers edlnet_*)
-    kwargs = dict(model_kwargs or {})
-    spec = str(spec).strip()
-    if not spec:
-        raise ModelSpecError("empty --model")
-    path = Path(spec)
-    source: Dict[str, Any] = {'spec': spec, 'model_kwargs': kwargs}
+    """:func:`timm_edl.hub.resolve_model` for ``--model`` / ``--surrogate``, in eval mode, with its
+    errors as :class:`ModelSpecError` (the evaluation's command line prints them and exits 2)."""
+    from ..hub import ModelSpecError as HubModelSpecError
+    from ..hub import resolve_model
     try:
-        if spec.startswith(('hf-hub:', 'local-dir:')) or path.is_dir():
-            ident = spec if spec.startswith(('hf-hub:', 'local-dir:')) else f'local-dir:{spec}'
-            if ident.startswith('local-dir:') and not Path(ident[len('local-dir:'):]).is_dir():
-                raise ModelSpecError(f"model folder not found: {Path(ident[len('local-dir:'):]).absolute()}")
-            model = _hub().load(ident, allow_pickle=allow_pickle, **kwargs)
-            source.update(kind='hub' if ident.startswith('hf-hub:') else 'local-dir', weights=ident)
-        elif path.is_file() or spec.lower().endswith(CHECKPOINT_SUFFIXES):
-            if not path.is_file():
-                raise ModelSpecError(f"checkpoint not found: {path.absolute()}")
-            config_file = path.parent / 'config.json'
-            config: Dict[str, Any] = {}
-            if config_file.is_file():
-                try:
-                    config = json.loads(config_file.read_text(encoding='utf-8'))
-                except ValueError as e:
-                    raise ModelSpecError(f"{config_file} is not valid JSON: {e}") from None
-            if arch is None and path.name == 'model.safetensors' and config.get('architecture'):
-                model = _hub().load(f'local-dir:{path.parent}', allow_pickle=allow_pickle, **kwargs)
-            else:
-                arch = arch or config.get('architecture')
-                if not arch:
-                    raise ModelSpecError(
-                        f"{spec}: a weights file needs its architecture: pass --arch NAME (e.g. --arch "
-                        f"edlnet_resnet18 plus --model-kwargs), or keep the config.json that "
-                        f"`timm-edl export` writes next to it")
-                base, _ = timm.models.split_model_name_tag(arch)
-                if not timm.is_model(base):
-                    raise _unknown_model_error(arch)
-                args = dict(config.get('model_args') or {})
-                if config.get('num_classes') is not None:
-                    args.setdefault('num_classes', config['num_classes'])
-                if not config:
-                    if num_classes is not None:
-                        args.setdefault('num_classes', num_classes)
-                    if in_chans is not None:
-                        args.setdefault('in_chans', in_chans)
-                args.update(kwargs)
-                model = timm.create_model(arch, pretrained=False, **args)
-                _hub().load_checkpoint(model, path, allow_pickle=allow_pickle)
-            source.update(kind='checkpoint', weights=str(path))
-        else:
-            base, tag = timm.models.split_model_name_tag(spec)
-            if not timm.is_model(base):
-                raise _unknown_model_error(spec)
-            cfg = timm.models.get_pretrained_cfg(f'{base}.{tag}' if tag else base, allow_unregistered=True)
-            has_weights = bool(cfg is not None and getattr(cfg, 'has_weights', False))
-            if not has_weights:
-                if num_classes is not None:
-                    kwargs.setdefault('num_classes', num_classes)
-                if in_chans is not None:
-                    kwargs.setdefault('in_chans', in_chans)
-            model = timm.create_model(spec, pretrained=has_weights, **kwargs)
-            source.update(kind='registry', weights='pretrained' if has_weights else 'random-init')
-            source['model_kwargs'] = kwargs
-    except EvaluationError:
-        raise
-    except ImportError as e:
-        raise _load_error(spec, e) from e
-    except (RuntimeError, ValueError, TypeError, OSError, KeyError) as e:
-        raise _load_error(spec, e) from e
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    source['architecture'] = cfg.get('architecture') or type(model).__name__
-    source['tag'] = cfg.get('tag')
+        model, source = resolve_model(spec, model_kwargs=model_kwargs, arch=arch, num_classes=num_classes,
+                                      in_chans=in_chans, allow_pickle=allow_pickle)
+    except HubModelSpecError as e:
+        raise ModelSpecError(str(e)) from e
     return model.eval(), source
 
 
@@ -216,7 +85,7 @@ def conv_twin(model: nn.Module, example: Optional[torch.Tensor] = None) -> nn.Mo
             conv.weight.copy_(weight / L)
             if layer.bias is not None:
                 conv.bias.copy_(layer.bias.detach())
-        _set_submodule(twin, name, conv)
+        twin.set_submodule(name, conv)
     return twin.eval()
 
 
@@ -291,14 +160,8 @@ def naive_surrogate(model: nn.Module, mode: str = 'truncate') -> nn.Module:
     surrogate = copy.deepcopy(model)
     layers = edl_layers(surrogate)
     for name, layer in layers:
-        _set_submodule(surrogate, name, _NaiveEDL(layer, mode))
+        surrogate.set_submodule(name, _NaiveEDL(layer, mode))
     return surrogate.eval()
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 # ----------------------------------------------------------------------------- description

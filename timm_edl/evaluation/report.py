@@ -4,13 +4,11 @@ import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..results import pct_text as _pct
+
 __all__ = ['markdown', 'write_outputs', 'plot_sweep', 'output_stem', 'reserve_stem', 'OUTPUT_SUFFIXES']
 
 OUTPUT_SUFFIXES = ('.json', '.md', '.model-index.yaml', '.png', '.autoattack.log')
-
-
-def _pct(v: Optional[float]) -> str:
-    return '-' if v is None else f"{100 * v:.2f} %"
 
 
 def _secs(v: Optional[float]) -> str:

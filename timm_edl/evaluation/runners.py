@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..attacks import NOISE_DISTRIBUTIONS, pgd_attack, random_noise_attack
-from .threat import EvaluationError
+from .errors import EvaluationError
 
 __all__ = [
     'progress_bar', 'predict_correct', 'correct_under_attack', 'make_pgd', 'make_noise', 'run_autoattack',

@@ -17,16 +17,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
-from timm.layers import DropPath, create_classifier
-
-from ..layers.edl import register_notrace_module
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.layers import (
+    DropPath, LayerType, create_act_layer, create_classifier, get_act_layer, get_norm_layer, register_notrace_module,
+)
+from timm.models import (
+    build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, resolve_pretrained_cfg,
+)
+from timm.models._features import feature_take_indices  # not exported by timm.models / timm.layers
 
 from ..convert import EDL_DEFAULTS, convert_to_edl
 from ..layers import with_legacy_options
+from ..weights import check_pretrained_source
 
 __all__ = ['EDLResNet', 'BasicBlock', 'Bottleneck', 'PreActBlock', 'InputNormalize', 'PretrainedWeightsUnavailable']
 
@@ -72,22 +73,23 @@ def _conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
 
 
 class BasicBlock(nn.Module):
-    """Post-activation basic block: conv3x3-BN-ReLU-conv3x3-BN (+ shortcut) -ReLU."""
+    """Post-activation basic block: conv3x3-norm-act-conv3x3-norm (+ shortcut) -act."""
     expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0,
+                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d):
         super().__init__()
         out_chs = planes * self.expansion
         self.conv1 = _conv3x3(in_chs, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.act1 = nn.ReLU(inplace=True)
+        self.bn1 = norm_layer(planes)
+        self.act1 = create_act_layer(act_layer, inplace=True)
         self.conv2 = _conv3x3(planes, out_chs)
-        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.bn2 = norm_layer(out_chs)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.act2 = nn.ReLU(inplace=True)
+        self.act2 = create_act_layer(act_layer, inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride), nn.BatchNorm2d(out_chs))
+            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride), norm_layer(out_chs))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -103,22 +105,23 @@ class Bottleneck(nn.Module):
     """Post-activation bottleneck: 1x1 reduce, 3x3 (stride), 1x1 expand x4."""
     expansion = 4
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0,
+                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d):
         super().__init__()
         out_chs = planes * self.expansion
         self.conv1 = _conv1x1(in_chs, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.act1 = nn.ReLU(inplace=True)
+        self.bn1 = norm_layer(planes)
+        self.act1 = create_act_layer(act_layer, inplace=True)
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.act2 = nn.ReLU(inplace=True)
+        self.bn2 = norm_layer(planes)
+        self.act2 = create_act_layer(act_layer, inplace=True)
         self.conv3 = _conv1x1(planes, out_chs)
-        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.bn3 = norm_layer(out_chs)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
-        self.act3 = nn.ReLU(inplace=True)
+        self.act3 = create_act_layer(act_layer, inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride), nn.BatchNorm2d(out_chs))
+            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride), norm_layer(out_chs))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -132,20 +135,21 @@ class Bottleneck(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation block (PreAct ResNet, WideResNet): BN-ReLU-conv3x3-BN-ReLU-conv3x3.
+    """Pre-activation block (PreAct ResNet, WideResNet): norm-act-conv3x3-norm-act-conv3x3.
 
     When the shape changes, the 1x1 shortcut reads the pre-activated input, as in the
     RobustBench WideResNet and PreAct ResNet-18.
     """
     expansion = 1
 
-    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0):
+    def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0,
+                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_chs)
-        self.act1 = nn.ReLU(inplace=False)  # its output feeds both branches
+        self.bn1 = norm_layer(in_chs)
+        self.act1 = create_act_layer(act_layer, inplace=False)  # its output feeds both branches
         self.conv1 = _conv3x3(in_chs, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.act2 = nn.ReLU(inplace=True)
+        self.bn2 = norm_layer(planes)
+        self.act2 = create_act_layer(act_layer, inplace=True)
         self.conv2 = _conv3x3(planes, planes)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.downsample = None
@@ -172,10 +176,12 @@ class EDLResNet(nn.Module):
     Args:
         block: 'basic' | 'bottleneck' | 'preact'.
         layers: blocks per stage, e.g. (2, 2, 2, 2).
-        widths: planes per stage, e.g. (64, 128, 256, 512); 3 or 4 stages.
+        channels: planes per stage, e.g. (64, 128, 256, 512); 1 to 4 stages (``widths`` is
+            accepted as its older name).
         stem_width: channels of the stem conv.
         stem_type: 'cifar' (3x3 stride 1, no pooling) | 'imagenet' (7x7 stride 2 + 3x3 max-pool).
-        num_classes, in_chans, global_pool, drop_rate, drop_path_rate: as in timm.
+        num_classes, in_chans, global_pool, drop_rate, drop_path_rate, act_layer, norm_layer:
+            as in timm's ResNet (a class, or a name timm's ``get_act_layer`` / ``get_norm_layer`` knows).
         input_mean, input_std: per-channel statistics used to normalise the [0, 1] input
             (default: CIFAR-10's for 3 channels, 0.5 / 0.5 otherwise).
         edl_layers: which convolutions become EDL layers ('default': every k>1 conv incl.
@@ -189,7 +195,7 @@ class EDLResNet(nn.Module):
             self,
             block: str = 'basic',
             layers: Sequence[int] = (2, 2, 2, 2),
-            widths: Sequence[int] = (64, 128, 256, 512),
+            channels: Sequence[int] = (64, 128, 256, 512),
             stem_width: int = 64,
             stem_type: str = 'cifar',
             num_classes: int = 10,
@@ -202,14 +208,20 @@ class EDLResNet(nn.Module):
             edl_layers: Any = 'default',
             edl_cfg: Optional[Dict[str, Any]] = None,
             zero_init_last: bool = False,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            widths: Optional[Sequence[int]] = None,
     ):
         super().__init__()
+        if widths is not None:  # the older name, which exports made before `channels` record; no entrypoint sets it
+            channels = widths
+        act_layer, norm_layer = get_act_layer(act_layer), get_norm_layer(norm_layer)
         if block not in BLOCKS:
             raise ValueError(f"unknown block {block!r}; choose one of {sorted(BLOCKS)}")
         if stem_type not in ('cifar', 'imagenet'):
             raise ValueError(f"unknown stem_type {stem_type!r}; choose 'cifar' or 'imagenet'")
-        if len(layers) != len(widths):
-            raise ValueError(f"layers {tuple(layers)} and widths {tuple(widths)} differ in length")
+        if len(layers) != len(channels):
+            raise ValueError(f"layers {tuple(layers)} and channels {tuple(channels)} differ in length")
         if not 1 <= len(layers) <= MAX_STAGES:
             raise ValueError(f"EDLResNet has 1 to {MAX_STAGES} stages, got {len(layers)}")
         if in_chans < 1:
@@ -236,8 +248,8 @@ class EDLResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
             reduction = 2
         # pre-activation nets normalise inside the first block instead
-        self.bn1 = nn.Identity() if self.preact else nn.BatchNorm2d(stem_width)
-        self.act1 = nn.Identity() if self.preact else nn.ReLU(inplace=True)
+        self.bn1 = nn.Identity() if self.preact else norm_layer(stem_width)
+        self.act1 = nn.Identity() if self.preact else create_act_layer(act_layer, inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_type == 'imagenet' else nn.Identity()
         stem_tap = 'conv1' if self.preact else 'act1'
         self.feature_info = [dict(num_chs=stem_width, reduction=reduction, module=stem_tap)]
@@ -248,12 +260,12 @@ class EDLResNet(nn.Module):
         block_idx = 0
         in_chs = stem_width
         self.stage_names: List[str] = []
-        for stage_idx, (depth, planes) in enumerate(zip(layers, widths)):
+        for stage_idx, (depth, planes) in enumerate(zip(layers, channels)):
             stride = 1 if stage_idx == 0 else 2
             blocks = []
             for i in range(depth):
                 dpr = drop_path_rate * block_idx / max(total_blocks - 1, 1)
-                blocks.append(block_cls(in_chs, planes, stride if i == 0 else 1, dpr))
+                blocks.append(block_cls(in_chs, planes, stride if i == 0 else 1, dpr, act_layer, norm_layer))
                 in_chs = planes * block_cls.expansion
                 block_idx += 1
             reduction *= stride
@@ -266,8 +278,8 @@ class EDLResNet(nn.Module):
             # forward_features can name every stage and stay scriptable
             self.add_module(f'layer{stage_idx + 1}', nn.Identity())
         self.num_features = self.head_hidden_size = in_chs
-        self.final_norm = nn.BatchNorm2d(in_chs) if self.preact else nn.Identity()
-        self.final_act = nn.ReLU(inplace=True) if self.preact else nn.Identity()
+        self.final_norm = norm_layer(in_chs) if self.preact else nn.Identity()
+        self.final_act = create_act_layer(act_layer, inplace=True) if self.preact else nn.Identity()
         self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
 
         self._init_weights(zero_init_last)
@@ -279,7 +291,7 @@ class EDLResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_last:
@@ -464,7 +476,6 @@ def _create_edlnet(variant: str, pretrained: bool = False, **kwargs) -> EDLResNe
     allow_pickle = kwargs.pop('allow_pickle', False)
     if pretrained:
         _check_weights_exist(variant, kwargs)
-        from ..hub import check_pretrained_source  # refuses pickles, validates safetensors
         kwargs = check_pretrained_source(variant, kwargs, allow_pickle=allow_pickle)
     # every feature level by default (stem + stages): 4 for the 3-stage WideResNets, not timm's 5
     levels = len(kwargs.get('layers', (2, 2, 2, 2))) + 1
@@ -487,14 +498,14 @@ def _filter_pretrained(state_dict: Dict[str, torch.Tensor], model: EDLResNet) ->
 
 
 def _cifar_resnet(block: str, layers, **kwargs) -> Dict[str, Any]:
-    return dict(block=block, layers=layers, widths=(64, 128, 256, 512), stem_width=64, stem_type='cifar', **kwargs)
+    return dict(block=block, layers=layers, channels=(64, 128, 256, 512), stem_width=64, stem_type='cifar', **kwargs)
 
 
 def _wide_resnet(depth: int, widen: int, **kwargs) -> Dict[str, Any]:
     if (depth - 4) % 6:
         raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
     n = (depth - 4) // 6
-    return dict(block='preact', layers=(n, n, n), widths=(16 * widen, 32 * widen, 64 * widen),
+    return dict(block='preact', layers=(n, n, n), channels=(16 * widen, 32 * widen, 64 * widen),
                 stem_width=16, stem_type='cifar', **kwargs)
 
 
@@ -524,7 +535,7 @@ def edlnet_preact_resnet18(pretrained: bool = False, **kwargs) -> EDLResNet:
 
 @register_model
 def edlnet_wrn28_10(pretrained: bool = False, **kwargs) -> EDLResNet:
-    """EDL WideResNet-28-10 (RobustBench layout: pre-activation, widths 160/320/640)."""
+    """EDL WideResNet-28-10 (RobustBench layout: pre-activation, channels 160/320/640)."""
     return _create_edlnet('edlnet_wrn28_10', pretrained, **dict(_wide_resnet(28, 10), **kwargs))
 
 
@@ -537,12 +548,12 @@ def edlnet_wrn34_10(pretrained: bool = False, **kwargs) -> EDLResNet:
 @register_model
 def edlnet_resnet18_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     """EDL ResNet-18 with the ImageNet stem (7x7 stride 2 + max-pool), for Tiny-ImageNet / ImageNet."""
-    args = dict(block='basic', layers=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_width=64, stem_type='imagenet')
+    args = dict(block='basic', layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), stem_width=64, stem_type='imagenet')
     return _create_edlnet('edlnet_resnet18_in', pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def edlnet_resnet50_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     """EDL ResNet-50 with the ImageNet stem."""
-    args = dict(block='bottleneck', layers=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width=64, stem_type='imagenet')
+    args = dict(block='bottleneck', layers=(3, 4, 6, 3), channels=(64, 128, 256, 512), stem_width=64, stem_type='imagenet')
     return _create_edlnet('edlnet_resnet50_in', pretrained, **dict(args, **kwargs))

@@ -81,7 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     except Exception as error:  # data / weights problems get a one-line message too
         from ..data import DatasetError
-        from ..hub import UnsafeCheckpointError
+        from ..weights import UnsafeCheckpointError
         from ..models.edlnet import PretrainedWeightsUnavailable
         if isinstance(error, (DatasetError, PretrainedWeightsUnavailable, UnsafeCheckpointError)):
             print(f"timm-edl train: error: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from accelerate.utils import extract_model_from_parallel
 
 from .. import data as D
+from ..results import normalize_result
 from .config import TrainConfig
 
 __all__ = ['export_model', 'eval_results']
@@ -49,7 +50,7 @@ def export_model(model: nn.Module, folder: Path, eval_results: Optional[Dict[str
 
 def eval_results(cfg: TrainConfig, info: D.DatasetInfo, metrics: Dict[str, Any], use_ema: bool,
                  eps: float) -> Optional[Dict[str, Any]]:
-    """The validation numbers in :mod:`timm_edl.hub`'s evaluation-result format (fractions).
+    """The validation numbers as an entry of the evaluation-result schema (:mod:`timm_edl.results`).
 
     They are training-time numbers (PGD-k, one restart, on the validation subset), labelled
     with their split; a full evaluation (``timm-edl eval``) should replace them before publishing.
@@ -58,7 +59,7 @@ def eval_results(cfg: TrainConfig, info: D.DatasetInfo, metrics: Dict[str, Any],
     clean, robust = metrics.get(f'{prefix}clean_top1'), metrics.get(f'{prefix}robust_top1')
     if clean is None:
         return None
-    return {
+    return normalize_result({
         'dataset': info.name,
         'split': 'train-holdout' if cfg.val_split == 'holdout' else 'test',
         'n_ex': cfg.val_n_ex,
@@ -68,4 +69,4 @@ def eval_results(cfg: TrainConfig, info: D.DatasetInfo, metrics: Dict[str, Any],
         'eps': eps,
         'pgd_steps': cfg.val_attack_steps,
         'pgd_restarts': 1,
-    }
+    }, 'validation metrics')

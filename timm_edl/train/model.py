@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 
 import timm
-from timm.models import clean_state_dict, load_pretrained, parse_model_name, split_model_name_tag
+from timm.models import load_pretrained, parse_model_name, split_model_name_tag
 
 from .. import data as D
-from .. import hub
+from .. import weights
 from ..convert import EDL_DEFAULTS, convert_to_edl
 from ..layers.edl import edl_layers, set_beta_mode
 from .config import ConfigError, TrainConfig
@@ -39,6 +39,7 @@ def build_model(cfg: TrainConfig, info: D.DatasetInfo, log=print) -> nn.Module:
     checkpoint, optional conv -> EDL conversion.  Runs on CPU, before accelerate."""
     import timm_edl  # noqa: F401  (registers the edlnet_* models)
 
+    from ..hub import ModelSpecError, resolve_model
     source, name = parse_model_name(cfg.model)
     if source is None and not timm.is_model(split_model_name_tag(name)[0]):
         edl = ', '.join(timm.list_models('edlnet_*'))
@@ -50,9 +51,9 @@ def build_model(cfg: TrainConfig, info: D.DatasetInfo, log=print) -> nn.Module:
         kwargs.setdefault('input_mean', tuple(info.mean))
         kwargs.setdefault('input_std', tuple(info.std))
     try:
-        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **kwargs)
-    except TypeError as error:
-        raise ConfigError(f"model {cfg.model!r} rejected model_kwargs {sorted(cfg.model_kwargs)}: {error}") from error
+        model, _ = resolve_model(cfg.model, model_kwargs=kwargs, pretrained=cfg.pretrained)
+    except ModelSpecError as error:
+        raise ConfigError(f"model {cfg.model!r} with model_kwargs {sorted(cfg.model_kwargs)}: {error}") from error
     cfg_mean = tuple(getattr(model, 'pretrained_cfg', {}).get('mean', (0.0,)))
     cfg_std = tuple(getattr(model, 'pretrained_cfg', {}).get('std', (1.0,)))
     if any(m != 0 for m in cfg_mean) or any(s != 1 for s in cfg_std):
@@ -102,15 +103,15 @@ def load_initial_weights(model: nn.Module, checkpoint: str, *, allow_pickle: boo
     """Load a state-dict file or an export folder into ``model``; a classifier trained for
     another number of classes is left as the model built it.
 
-    The file is read by :func:`timm_edl.hub.read_state_dict` (a pickle file is refused with
-    :class:`~timm_edl.hub.UnsafeCheckpointError` unless ``allow_pickle``), cleaned by timm's
-    ``clean_state_dict`` and loaded by timm's ``load_pretrained``, which drops the classifier
+    The file is read by :func:`timm_edl.weights.read_state_dict` (a pickle file is refused with
+    :class:`~timm_edl.weights.UnsafeCheckpointError` unless ``allow_pickle``; prefixes cleaned by
+    timm's ``load_state_dict``) and loaded by timm's ``load_pretrained``, which drops the classifier
     when the class counts differ.  Any other difference is a :class:`ConfigError`.
     """
     path = _weights_file(checkpoint)
     try:
-        state = clean_state_dict(hub.read_state_dict(path, allow_pickle=allow_pickle))
-    except hub.UnsafeCheckpointError:  # a ValueError too: it keeps its type, as everywhere in the package
+        state = weights.read_state_dict(path, allow_pickle=allow_pickle)
+    except weights.UnsafeCheckpointError:  # a ValueError too: it keeps its type, as everywhere in the package
         raise
     except (OSError, ValueError) as error:
         raise ConfigError(f"cannot read checkpoint {path}: {error}") from error

@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ['main', 'eval_main', 'build_parser']
+__all__ = ['main', 'build_parser']
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import NAIVE_MODES
+    from ..evaluation.models import NAIVE_MODES
     p = argparse.ArgumentParser(
         prog='timm-edl eval',
         description='RobustBench-style robustness evaluation (clean, adaptive PGD, AutoAttack) of a timm / '
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'or a weights file (.safetensors; needs --arch or a config.json beside it)')
     g.add_argument('--arch', default=None, help='architecture of a bare weights file')
     g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='timm.create_model arguments, e.g. widths=(8,16) edl_layers=none')
+                   help='timm.create_model arguments (YAML values), e.g. channels=[8,16] edl_layers=none')
     g.add_argument('--allow-pickle', action='store_true',
                    help='accept .pth/.pt/.bin weights (read with torch.load(weights_only=True))')
     g = p.add_argument_group('data')
@@ -121,10 +121,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args: argparse.Namespace, argv: List[str]) -> int:
     from ..data import DatasetError, dataset_info, get_dataset, load_tensors
-    from .core import EvalConfig, evaluate
-    from .models import conv_twin, load_model, parse_kwargs
-    from .report import markdown, output_stem, reserve_stem, write_outputs
-    from .threat import EvaluationError, canonical_threat_model, default_eps, parse_eps, parse_eps_list
+    from ..evaluation.core import EvalConfig, evaluate
+    from ..evaluation.errors import EvaluationError
+    from ..evaluation.models import conv_twin, load_model
+    from ..evaluation.report import markdown, output_stem, reserve_stem, write_outputs
+    from ..threat import ThreatModelError, canonical_threat_model, default_eps, parse_eps, parse_eps_list
+    from .args import KwargsError, parse_kwargs
 
     try:
         # everything that can be checked before loading anything heavy
@@ -188,7 +190,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
             n_total = None
         report = evaluate(model, x, y, config, dataset=info_ds, split=args.split, model_source=source, n_total=n_total,
                           surrogate=surrogate, surrogate_name=surrogate_name, info=info)
-    except (EvaluationError, DatasetError) as e:
+    except (EvaluationError, ThreatModelError, KwargsError, DatasetError) as e:
         return _error(str(e))
     report['command'] = 'timm-edl eval ' + ' '.join(shlex.quote(a) for a in argv)
     report['data']['data_dir'] = None if args.data_dir is None else str(Path(args.data_dir).absolute())
@@ -204,11 +206,6 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
               file=sys.stderr)
         return EXIT_FAILED_CHECK
     return EXIT_OK
-
-
-def eval_main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of ``timm-edl eval`` (``timm_edl.cli`` calls it)."""
-    return main(argv)
 
 
 if __name__ == '__main__':

@@ -1,4 +1,5 @@
-"""Threat models and perturbation radii (``--threat-model``, ``--eps``, ``--eps-sweep``).
+"""Threat models and perturbation radii: one home for the names, aliases and eps text used by
+attacks, training, evaluation and the model cards (``--threat-model``, ``--eps``, ``--eps-sweep``).
 
 Radii are in ``[0, 1]`` pixel units, written as a decimal (``0.031``, ``0.5``, ``12``) or
 a fraction (``8/255``).  The text form is kept for reports, so ``8/255`` is printed as
@@ -9,18 +10,17 @@ import re
 from typing import List, Optional, Tuple
 
 __all__ = [
-    'EvaluationError', 'EpsError', 'THREAT_MODELS', 'ROBUSTBENCH_DEFAULT_EPS',
+    'ThreatModelError', 'EpsError', 'THREAT_MODELS', 'ROBUSTBENCH_DEFAULT_EPS',
     'canonical_threat_model', 'parse_eps', 'parse_eps_list', 'format_eps', 'default_eps',
     'l2_radius',
 ]
 
 
-class EvaluationError(Exception):
-    """An error the user can fix (bad option, unknown model, ...); the CLI prints it without
-    a traceback and exits with status 2."""
+class ThreatModelError(ValueError):
+    """An unknown threat model or an invalid radius (the command lines print it and exit 2)."""
 
 
-class EpsError(EvaluationError, ValueError):
+class EpsError(ThreatModelError):
     """An ``--eps`` / ``--eps-sweep`` value that is not a valid radius."""
 
 
@@ -40,7 +40,7 @@ def canonical_threat_model(name: str) -> str:
     """'linf' / 'Linf' / 'L-inf' -> 'Linf'; 'l2' -> 'L2'; 'l1' -> 'L1'."""
     key = str(name).strip().lower()
     if key not in _ALIASES:
-        raise EvaluationError(f"unknown threat model {name!r}; choose one of {', '.join(THREAT_MODELS)}")
+        raise ThreatModelError(f"unknown threat model {name!r}; choose one of {', '.join(THREAT_MODELS)}")
     return _ALIASES[key]
 
 

@@ -1,8 +1,9 @@
 """The ``timm-edl`` command: one entry point, one sub-command per job.
 
-Each sub-command lives in its own module and exposes ``main(argv) -> int``;
-modules are imported only when their sub-command runs, so ``timm-edl --help``
-stays fast.
+Each sub-command is a module exposing ``main(argv) -> int``: ``eval``, ``export``, ``push``
+and ``convert`` live in this package (their one keyword-argument grammar in :mod:`.args`),
+``train`` and ``demo`` in their own packages.  Modules are imported only when their
+sub-command runs, so ``timm-edl --help`` stays fast.
 """
 import importlib
 import sys
@@ -10,10 +11,10 @@ from typing import List, Optional
 
 COMMANDS = {
     "train": ("timm_edl.train", "adversarial training / fine-tuning (accelerate)"),
-    "eval": ("timm_edl.evaluate", "RobustBench-style evaluation (clean, PGD, AutoAttack)"),
-    "export": ("timm_edl.hub", "write a Hub-ready folder (safetensors, config.json, card)"),
-    "push": ("timm_edl.hub", "upload an exported folder to the Hugging Face Hub"),
-    "convert": ("timm_edl.convert", "turn the convolutions of a timm CNN into EDL layers"),
+    "eval": ("timm_edl.cli.eval", "RobustBench-style evaluation (clean, PGD, AutoAttack)"),
+    "export": ("timm_edl.cli.export", "write a Hub-ready folder (safetensors, config.json, card)"),
+    "push": ("timm_edl.cli.push", "upload an exported folder to the Hugging Face Hub"),
+    "convert": ("timm_edl.cli.convert", "turn the convolutions of a timm CNN into EDL layers"),
     "demo": ("timm_edl.demo", "train, evaluate and export an EDLNet and its conv twin on real data (minutes, CPU)"),
 }
 
@@ -37,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .runtime import keep_freed_memory
     keep_freed_memory()  # our own process: reuse freed activation buffers (see timm_edl/runtime.py)
     module = importlib.import_module(COMMANDS[name][0])
-    entry = getattr(module, f"{name}_main", None) or getattr(module, "main")
+    entry = getattr(module, "main")
     return int(entry(rest) or 0)
 
 

@@ -1,0 +1,185 @@
+"""The model card of an export: the Hub metadata (huggingface_hub's ``ModelCardData`` with one
+``EvalResult`` per metric) and the Markdown sections of ``hub_cards/model_card.md.tmpl``."""
+import string
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..convert import PRESERVE_FUNCTION, edl_layer_config
+from ..layers import edl_layers
+from ..results import attack_label, data_label, eps_text, eval_results, pct
+
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / '_cards' / 'model_card.md.tmpl'  # hub_cards/ links to it
+_TAGS = ('image-classification', 'timm', 'edlnet', 'adversarial-robustness', 'timm-edl',
+         'elastic-dictionary-learning', 'sparse-coding')
+
+
+def float32_list(t: torch.Tensor) -> List[float]:
+    """A tensor's values as the shortest decimals that read back to the same float32."""
+    import numpy as np
+    return [float(str(np.float32(v))) for v in t.detach().float().cpu().flatten().tolist()]
+
+
+def metadata_yaml(model_name: str, license: str, datasets: List[str], results: List[Dict[str, Any]],
+                  extra_tags: Sequence[str]) -> str:
+    """The card's YAML header: tags, license, datasets and the ``model-index`` of ``results``."""
+    from huggingface_hub import ModelCardData
+    tags = list(_TAGS) + [t for t in extra_tags if t not in _TAGS]
+    data = ModelCardData(library_name='timm', pipeline_tag='image-classification', license=license, tags=tags,
+                         datasets=list(datasets) or None, model_name=model_name if results else None,
+                         eval_results=eval_results(results) or None)
+    return data.to_yaml()
+
+
+def evaluation_markdown(results: List[Dict[str, Any]]) -> str:
+    if not results:
+        return ("**No evaluation results are recorded for these weights.** Their clean and robust accuracy "
+                "are unknown: do not assume that this model is robust.")
+    rows = ['| Dataset (split) | Test points | Threat model | eps | Clean accuracy | AutoAttack accuracy '
+            '| PGD accuracy |', '|---|---|---|---|---|---|---|']
+    notes = []
+    for i, r in enumerate(results, start=1):
+        tm = r.get('threat_model', '-')
+        eps = eps_text(r) if 'eps' in r else '-'
+        aa = f"{pct(r['autoattack_acc']):.2f} % ({attack_label(r, 'autoattack_acc')})" \
+            if 'autoattack_acc' in r else '-'
+        pgd = '-'
+        if 'pgd_acc' in r:
+            detail = ', '.join(x for x in (f"{r['pgd_steps']} steps" if r.get('pgd_steps') else '',
+                                           f"{r['pgd_restarts']} restart{'s' if r['pgd_restarts'] != 1 else ''}"
+                                           if r.get('pgd_restarts') else '') if x)
+            pgd = f"{pct(r['pgd_acc']):.2f} %" + (f" ({detail})" if detail else '')
+        mark = ''
+        if r.get('footnote') or r.get('unreliable'):
+            mark = f" [{i}]"
+            text = r.get('footnote') or ''
+            if r.get('unreliable') and 'FAILED CHECK' not in text:
+                failed = ', '.join(r.get('failed_checks', [])) or 'a gradient-masking check'
+                text = f"FAILED CHECK: {failed}; the robust accuracy may be overstated. {text}".strip()
+            notes.append(f"[{i}] {'**' if r.get('unreliable') else ''}{text}{'**' if r.get('unreliable') else ''}")
+        rows.append(f"| {data_label(r)} ({r['split']}){mark} | {r['n_ex']} | {tm} | {eps} "
+                    f"| {pct(r['clean_acc']):.2f} % | {aa} | {pgd} |")
+    note = ("\n\nAccuracies are percentages of the test points, copied by `timm_edl.hub.export` from the "
+            "evaluation entry point's JSON output (also stored in `config.json` under `timm_edl.evaluation`). "
+            "They are not verified by the Hub.")
+    if not any('autoattack_acc' in r or 'pgd_acc' in r for r in results):
+        note += " **No robust accuracy is recorded.**"
+    if notes:
+        note += '\n\n' + '\n\n'.join(notes)
+    return '\n'.join(rows) + note
+
+
+def _range_text(values: List[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.3g}" if abs(hi - lo) < 5e-4 else f"{lo:.3g} to {hi:.3g}"
+
+
+def edl_markdown(model: nn.Module) -> Tuple[str, bool]:
+    layers = edl_layers(model)
+    if not layers:
+        return "None: this is the convolutional twin (`edl_layers='none'`), a plain CNN.", False
+    cfgs = [edl_layer_config(m) for _, m in layers]
+    preserving = all(all(c[k] == v for k, v in PRESERVE_FUNCTION.items()) for c in cfgs)
+    betas = [c['beta'] for c in cfgs]
+    lams = [c['lam'] for c in cfgs]
+
+    def values(key: str) -> str:
+        vs = []
+        for c in cfgs:
+            v = c[key]
+            if v not in vs:
+                vs.append(v)
+        return ', '.join('L by Lanczos (1.01 x lambda_max)' if (key == 'fixed_lipschitz' and v is None) else f"`{v}`"
+                         for v in vs)
+
+    n_conv = len(layers) + sum(1 for m in model.modules() if type(m) is nn.Conv2d)
+    rows = [
+        '| | |', '|---|---|',
+        f"| EDL layers | {len(layers)} of {n_conv} convolutions |",
+        f"| Unrolled RISTA steps (`num_steps`) | {values('num_steps')} |",
+        f"| beta (per layer{'; learnable' if any(c['beta_learnable'] for c in cfgs) else ''}) | {_range_text(betas)} |",
+        f"| lam (sparsity{'; learnable' if any(c['lam_learnable'] for c in cfgs) else ''}) | {_range_text(lams)} |",
+        f"| Step rule | {values('step_rule')} |",
+        f"| First step (`init`: 'ista' = plain ISTA warm start) | {values('init')} |",
+        f"| l1 reweighting (`reweight`) | {values('reweight')} |",
+        f"| Lipschitz constant L | {values('fixed_lipschitz')} |",
+        f"| Unit-norm atoms (`normalize_atoms`) | {values('normalize_atoms')} |",
+        f"| Non-negative codes (`nonneg`) | {values('nonneg')} |",
+        f"| Smoothing of the reweighting (`eps`) | {values('eps')} |",
+    ]
+    text = '\n'.join(rows) + "\n\nThe exact per-layer options are in `config.json`."
+    if preserving:
+        text += ("\n\nEvery EDL layer is at the function-preserving setting (one step, beta = 1, lam = 0, L = 1, "
+                 "no atom normalisation): the network computes exactly what the original convolutional network "
+                 "computes. It has not been fine-tuned as an EDL network.")
+    return text, preserving
+
+
+def usage_markdown(repo_id: str, kind: str) -> str:
+    if kind == 'edlnet':
+        return (
+            "```python\nimport timm\nimport timm_edl  # registers the edlnet_* architectures with timm: required\n\n"
+            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
+            "config = timm.data.resolve_model_data_config(model)  # mean 0 / std 1: the model normalises itself\n"
+            "# input: images with pixels in [0, 1], shape (B, *config['input_size'])\n```\n\n"
+            f'`timm_edl.hub.load("hf-hub:{repo_id}")` does the same with clearer error messages. Without '
+            "`import timm_edl`, timm fails with `Unknown model`: timm has no plugin discovery.")
+    return (
+        "```python\nimport timm_edl.hub\n\n"
+        f'model = timm_edl.hub.load("hf-hub:{repo_id}").eval()\n'
+        "config = timm.data.resolve_model_data_config(model)\n```\n\n"
+        "This is a timm model with EDL layers: `timm_edl.hub.load` builds the original timm architecture and "
+        "re-applies the conversion recorded in `config.json` (`timm_edl_conversion`) before loading the weights. "
+        "A plain `timm.create_model(\"hf-hub:...\")` builds the unconverted network and refuses these weights.")
+
+
+def render_card(template: Path, fields: Dict[str, str]) -> str:
+    if not template.is_file():
+        raise FileNotFoundError(
+            f"model card template not found: {template} (export needs a source checkout of timm-edl, "
+            f"or pass card_template=...)")
+    return string.Template(template.read_text(encoding='utf-8')).substitute(fields)
+
+
+def summary(model: nn.Module, arch: str, kind: str, num_classes: int, results: List[Dict[str, Any]]) -> str:
+    n = len(edl_layers(model))
+    data = ''
+    if results:
+        names = []
+        for r in results:
+            d = data_label(r)
+            if d not in names:
+                names.append(d)
+        data = f", evaluated on {', '.join(names)}"
+    if kind == 'edlnet':
+        return (f"Elastic Dictionary Learning network `{arch}` ({n} EDL layers, {num_classes} classes{data}) "
+                f"from timm-edl.")
+    return (f"timm `{arch}` with {n} convolutions converted to EDL layers by timm_edl.convert_to_edl "
+            f"({num_classes} classes{data}).")
+
+
+def details_markdown(model: nn.Module, arch: str, kind: str, num_params: int, input_size: Tuple[int, ...],
+                      label_names: Optional[Sequence[str]], datasets: Sequence[str]) -> str:
+    if kind == 'edlnet':
+        arch_text = f"`{arch}` (timm-edl; `import timm_edl` registers it with timm)"
+        mean = float32_list(model.input_norm.mean)
+        std = float32_list(model.input_norm.std)
+        input_text = (f"{' x '.join(str(s) for s in input_size)}, pixels in [0, 1]; the model normalises them "
+                      f"itself (mean {tuple(mean)}, std {tuple(std)}), so timm's data config has mean 0 / std 1")
+    else:
+        arch_text = f"timm `{arch}`, convolutions converted to EDL layers (`timm_edl_conversion` in config.json)"
+        cfg = model.pretrained_cfg
+        input_text = (f"{' x '.join(str(s) for s in input_size)}, normalised by the data pipeline with mean "
+                      f"{tuple(cfg.get('mean', ()))}, std {tuple(cfg.get('std', ()))} "
+                      f"(`timm.data.resolve_model_data_config(model)`)")
+    classes = f"{model.num_classes}"
+    if label_names:
+        shown = ', '.join(str(n) for n in list(label_names)[:10])
+        classes += f" ({shown}{', ...' if len(label_names) > 10 else ''})"
+    rows = ['| | |', '|---|---|', f"| Architecture | {arch_text} |",
+            f"| Parameters | {num_params / 1e6:.2f} M |", f"| Input | {input_text} |", f"| Classes | {classes} |"]
+    if datasets:
+        rows.append(f"| Datasets | {', '.join(datasets)} |")
+    return '\n'.join(rows)

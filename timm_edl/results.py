@@ -1,0 +1,205 @@
+"""The evaluation-result schema: what ``timm-edl eval`` writes and what an export's card reads.
+
+One entry per threat model (accuracies are fractions in [0, 1]):
+
+==================  ========  =======================================================
+field               required  meaning
+==================  ========  =======================================================
+``dataset``         yes       dataset name as in :mod:`timm_edl.data` (``cifar10``,
+                              ``fashion-mnist-small``, ...)
+``split``           no        default ``test``
+``n_ex``            yes       number of test points evaluated (int > 0)
+``clean_acc``       yes       clean accuracy
+``threat_model``    if robust ``Linf`` | ``L2`` | ``L1`` (any alias of :mod:`timm_edl.threat`)
+``eps``             if robust radius in [0, 1]-pixel units (e.g. 0.0313725 = 8/255)
+``autoattack_acc``  no        robust accuracy under AutoAttack
+``pgd_acc``         no        robust accuracy under PGD
+``attack``          no        attack name behind ``autoattack_acc`` (default
+                              ``autoattack``); may be a dict ``{"name", "version"}``
+``version``         no        AutoAttack version (``standard``, ``plus``, ``rand``, ``custom``)
+``pgd_steps``       no        PGD iterations (int)
+``pgd_restarts``    no        PGD restarts (int)
+``architecture``    no        timm architecture evaluated
+``weights_digest``  no        :func:`timm_edl.weights.state_dict_digest` of the evaluated model
+``eps_text``        no        how to print eps (``8/255``); default: derived from ``eps``
+``data_label``      no        dataset display name (``CIFAR-10-JPEG``); default: from
+                              :mod:`timm_edl.data`
+``footnote``        no        caveats printed under the results table
+``unreliable``      no        true when a gradient-masking check failed (also implied by
+                              a non-empty ``failed_checks`` list)
+==================  ========  =======================================================
+
+"Robust" means ``autoattack_acc`` or ``pgd_acc`` is present.  Unknown fields are ignored.
+:func:`model_index` turns entries into the Hub's ``model-index`` with huggingface_hub's
+:class:`~huggingface_hub.EvalResult`.
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from .threat import ThreatModelError, canonical_threat_model, format_eps
+
+__all__ = ['normalize_result', 'read_eval_results', 'model_index', 'eval_results', 'eps_text', 'attack_label',
+           'data_label', 'pct', 'pct_text']
+
+Results = Union[None, str, Path, Dict[str, Any], Sequence[Any]]
+
+
+def pct(value: float) -> float:
+    """A fraction as a percentage with two decimals (how cards and tables print accuracies)."""
+    return round(100.0 * value, 2)
+
+
+def pct_text(value: Optional[float], missing: str = '-') -> str:
+    """``0.8512`` -> ``'85.12 %'``; ``None`` -> ``missing``."""
+    return missing if value is None else f"{100 * value:.2f} %"
+
+
+def _fraction(entry: Dict[str, Any], key: str, where: str) -> Optional[float]:
+    value = entry.get(key)
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {key} must be a number, got {value!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{where}: {key}={value} is not a fraction in [0, 1] (accuracies are fractions, "
+                         f"not percentages)")
+    return value
+
+
+def normalize_result(entry: Dict[str, Any], where: str = 'evaluation results') -> Dict[str, Any]:
+    """One entry checked against the schema, with defaults filled and unknown fields dropped."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: an evaluation result must be a JSON object, got {type(entry).__name__}")
+    out: Dict[str, Any] = {}
+    for key in ('dataset', 'n_ex', 'clean_acc'):
+        if entry.get(key) is None:
+            raise ValueError(f"{where}: required field {key!r} is missing (fields: dataset, n_ex, clean_acc, "
+                             f"threat_model, eps, autoattack_acc, pgd_acc, attack, version)")
+    out['dataset'] = str(entry['dataset'])
+    out['split'] = str(entry.get('split') or 'test')
+    n_ex = entry['n_ex']
+    if isinstance(n_ex, bool) or not isinstance(n_ex, (int, float)) or int(n_ex) != n_ex or n_ex <= 0:
+        raise ValueError(f"{where}: n_ex must be a positive integer, got {n_ex!r}")
+    out['n_ex'] = int(n_ex)
+    out['clean_acc'] = _fraction(entry, 'clean_acc', where)
+    for key in ('autoattack_acc', 'pgd_acc'):
+        value = _fraction(entry, key, where)
+        if value is not None:
+            out[key] = value
+    attack = entry.get('attack')
+    version = entry.get('version')
+    if isinstance(attack, dict):
+        version = version or attack.get('version')
+        attack = attack.get('name')
+    if 'autoattack_acc' in out or 'pgd_acc' in out:
+        if entry.get('threat_model') is None or entry.get('eps') is None:
+            raise ValueError(f"{where}: robust accuracies need 'threat_model' and 'eps'")
+        try:
+            out['threat_model'] = canonical_threat_model(entry['threat_model'])
+        except ThreatModelError as e:
+            raise ValueError(f"{where}: {e}") from None
+        try:
+            eps = float(entry['eps'])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: eps must be a number, got {entry['eps']!r}") from None
+        if not eps >= 0:
+            raise ValueError(f"{where}: eps must be >= 0, got {eps}")
+        out['eps'] = eps
+    if 'autoattack_acc' in out:
+        out['attack'] = str(attack or 'autoattack')
+        if version is not None:
+            out['version'] = str(version)
+    for key in ('pgd_steps', 'pgd_restarts'):
+        if entry.get(key) is not None and 'pgd_acc' in out:
+            out[key] = int(entry[key])
+    for key in ('architecture', 'weights_digest', 'eps_text', 'data_label', 'footnote'):
+        if entry.get(key):
+            out[key] = str(entry[key])
+    failed = entry.get('failed_checks') or []
+    if entry.get('unreliable') or failed:
+        out['unreliable'] = True
+        if failed:
+            out['failed_checks'] = [str(c) for c in failed]
+    return out
+
+
+def read_eval_results(eval_results: Results) -> List[Dict[str, Any]]:
+    """Normalised entries from a JSON path, a dict, ``{"results": [...]}`` or a list of them."""
+    if eval_results is None:
+        return []
+    items = list(eval_results) if isinstance(eval_results, (list, tuple)) else [eval_results]
+    out: List[Dict[str, Any]] = []
+    for item in items:
+        where = 'evaluation results'
+        if isinstance(item, (str, Path)):
+            where = str(item)
+            path = Path(item)
+            if not path.is_file():
+                raise FileNotFoundError(f"evaluation results file not found: {path}")
+            try:
+                item = json.loads(path.read_text(encoding='utf-8'))
+            except ValueError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if isinstance(item, dict) and isinstance(item.get('results'), list):
+            out += [normalize_result(e, where) for e in item['results']]
+        elif isinstance(item, list):
+            out += [normalize_result(e, where) for e in item]
+        else:
+            out.append(normalize_result(item, where))
+    return out
+
+
+def eps_text(r: Dict[str, Any]) -> str:
+    """The radius as printed: the entry's own ``eps_text``, else ``k/255`` or ``%g``."""
+    return r.get('eps_text') or format_eps(r['eps'], r['threat_model'])
+
+
+def attack_label(r: Dict[str, Any], key: str) -> str:
+    """``'PGD-20'`` for ``pgd_acc``; ``'AutoAttack standard'`` for ``autoattack_acc``."""
+    if key == 'pgd_acc':
+        return f"PGD-{r['pgd_steps']}" if r.get('pgd_steps') else 'PGD'
+    name = 'AutoAttack' if r['attack'].lower() == 'autoattack' else r['attack']
+    return f"{name} {r['version']}" if r.get('version') else name
+
+
+def data_label(r: Dict[str, Any]) -> str:
+    """The dataset's display name (``CIFAR-10-JPEG``)."""
+    if r.get('data_label'):
+        return r['data_label']
+    from .data import DATASETS
+    info = DATASETS.get(r['dataset'])
+    return info.display_name if info is not None else r['dataset']
+
+
+def eval_results(results: Sequence[Dict[str, Any]]) -> List[Any]:
+    """huggingface_hub :class:`~huggingface_hub.EvalResult` objects, one per metric of each entry
+    (huggingface_hub groups them by task and dataset in the ``model-index``)."""
+    from huggingface_hub import EvalResult
+    out, seen = [], set()
+    for r in results:
+        common = dict(task_type='image-classification', task_name='Image Classification',
+                      dataset_type=r['dataset'], dataset_name=data_label(r), dataset_split=r['split'], verified=False)
+        clean = (r['dataset'], r['split'], r['n_ex'], r['clean_acc'])
+        if clean not in seen:  # one clean accuracy per set of points, however many threat models
+            seen.add(clean)
+            out.append(EvalResult(metric_type='accuracy', metric_name='Clean accuracy',
+                                  metric_value=pct(r['clean_acc']), metric_args={'n_ex': r['n_ex']}, **common))
+        for key in ('autoattack_acc', 'pgd_acc'):
+            if key in r:
+                attack = attack_label(r, key)
+                out.append(EvalResult(
+                    metric_type='robust-accuracy',
+                    metric_name=f"Robust accuracy ({attack}, {r['threat_model']} eps={eps_text(r)})",
+                    metric_value=pct(r[key]),
+                    metric_args={'threat_model': r['threat_model'], 'eps': r['eps'], 'attack': attack,
+                                 'n_ex': r['n_ex']}, **common))
+    return out
+
+
+def model_index(model_name: str, results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The Hub card's ``model-index`` block for normalised ``results`` (huggingface_hub's layout)."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+    return eval_results_to_model_index(model_name, eval_results(results))
