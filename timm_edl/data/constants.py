@@ -1,12 +1,16 @@
 """Per-dataset constants: normalisation statistics and class names.
 
 Means and standard deviations are per channel, over the training split, for
-pixels in ``[0, 1]``.
+pixels in ``[0, 1]``. EDLNets created without ``input_mean``/``input_std``
+normalise with CIFAR-10's (``timm_edl.models.edlnet`` imports them from here).
 ImageNet's statistics are timm's (``timm.data.constants``).
 """
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# Channel 0 measures 0.24703, but 0.2471 stays: EDLNets created without
+# input_std use it, and a weights file loaded on its own (no config.json, e.g.
+# pretrained_cfg_overlay=dict(file=...)) computes its logits with that default.
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 FASHION_MNIST_MEAN = (0.2860,)

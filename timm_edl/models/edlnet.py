@@ -26,13 +26,11 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..convert import EDL_DEFAULTS, convert_to_edl
+from ..data.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from ..layers import with_legacy_options
 
 __all__ = ['EDLResNet', 'BasicBlock', 'Bottleneck', 'PreActBlock', 'InputNormalize', 'PretrainedWeightsUnavailable']
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 PAPER_ID = 'arXiv:2502.00834'
 MAX_STAGES = 4
 
