@@ -26,14 +26,12 @@ from timm.models import (
 from timm.models._features import feature_take_indices  # not exported by timm.models / timm.layers
 
 from ..convert import EDL_DEFAULTS, convert_to_edl
+from ..data.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from ..layers import with_legacy_options
 from ..weights import check_pretrained_source
 
 __all__ = ['EDLResNet', 'BasicBlock', 'Bottleneck', 'PreActBlock', 'InputNormalize', 'PretrainedWeightsUnavailable']
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 PAPER_ID = 'arXiv:2502.00834'
 MAX_STAGES = 4
 
