@@ -478,10 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault('OMP_NUM_THREADS', '1')
-    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    argv, args = pc.parse_experiment_args(build_parser(), argv)
     size = SIZES[args.size]
     cache_dir = Path(args.cache_dir or REPO / 'experiments' / 'cache' / 'elastic_decision' / size.name)
     run_dir = Path(args.run_dir or REPO / 'runs' / 'elastic_decision' / size.name)

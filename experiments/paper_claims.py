@@ -855,6 +855,25 @@ def _check_cell(statuses: list[str | None]) -> str:
 # ----------------------------------------------------------------------------- plots
 
 
+def _mean_curve(curves: list) -> tuple[list[int], list[float], list[float]]:
+    """(epochs, mean, std) over the complete curves (all values numbers), up to the shortest."""
+    curves = [c for c in curves if c and all(isinstance(v, float) for v in c)]
+    if not curves:
+        return [], [], []
+    stats = [mean_std([c[e] for c in curves]) for e in range(min(len(c) for c in curves))]
+    return list(range(1, len(stats) + 1)), [s[0] for s in stats], [s[1] for s in stats]
+
+
+def _save_figure(fig, title: str, plot_dir: Path, name: str, rel: str, fontsize: int = 11) -> str:
+    """Title, lay out, write ``<plot_dir>/<name>.png`` and close ``fig``; its path relative to the Markdown."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(plot_dir / f'{name}.png', dpi=110)
+    plt.close(fig)
+    return f'{rel}/{name}.png'
+
+
 def make_plots(res: Results, plot_dir: Path, rel: str) -> dict[str, str]:
     """Bar charts with error bars for (a) and (b), validation curves for (c), beta curves."""
     import matplotlib
@@ -889,40 +908,28 @@ def make_plots(res: Results, plot_dir: Path, rel: str) -> dict[str, str]:
                                                               for m in res.scale.naive_modes] + \
             [('pgd', 'adaptive PGD'), ('autoattack', 'AutoAttack')]
         bars(ax, groups, REGIMES['natural'], 'natural', f"{DATASETS[ds]['label']}: natural training")
-    fig.suptitle(f'(a) robustness illusion (mean ± std over {res.seeds} seeds)', fontsize=11)
-    fig.tight_layout()
-    fig.savefig(plot_dir / 'illusion.png', dpi=110)
-    plt.close(fig)
-    out['illusion'] = f'{rel}/illusion.png'
+    out['illusion'] = _save_figure(fig, f'(a) robustness illusion (mean ± std over {res.seeds} seeds)',
+                                   plot_dir, 'illusion', rel)
 
     fig, axes = plt.subplots(1, len(dss), figsize=(6 * len(dss), 4), squeeze=False)
     for ax, ds in zip(axes[0], dss):
         groups = [('clean', 'clean'), ('noise', 'noise'), ('pgd', 'PGD'), ('autoattack', 'AutoAttack')]
         bars(ax, groups, REGIMES['at'], 'at', f"{DATASETS[ds]['label']}: PGD adversarial training")
-    fig.suptitle(f'(b) EDL effect (mean ± std over {res.seeds} seeds)', fontsize=11)
-    fig.tight_layout()
-    fig.savefig(plot_dir / 'edl_effect.png', dpi=110)
-    plt.close(fig)
-    out['edl_effect'] = f'{rel}/edl_effect.png'
+    out['edl_effect'] = _save_figure(fig, f'(b) EDL effect (mean ± std over {res.seeds} seeds)', plot_dir,
+                                     'edl_effect', rel)
 
     fig, axes = plt.subplots(1, len(dss), figsize=(6 * len(dss), 4), squeeze=False)
     for ax, ds in zip(axes[0], dss):
         for model in REGIMES['ro']:
             for column, style, alpha, what in (('eval_robust_top1', '-', 1.0, 'validation'),
                                                ('train_robust_top1', ':', 0.6, 'training')):
-                curves = [c for c in res.curve(ds, model, column, regime='ro')
-                          if c and all(isinstance(v, float) for v in c)]
-                if not curves:
+                xs, m, sd = _mean_curve(res.curve(ds, model, column, regime='ro'))
+                if not xs:
                     continue
-                n_ep = min(len(c) for c in curves)
-                stats = [mean_std([c[e] for c in curves]) for e in range(n_ep)]
-                xs = list(range(1, n_ep + 1))
-                m = [s[0] for s in stats]
                 ax.plot(xs, m, ls=style, marker='o' if what == 'validation' else None, ms=3, alpha=alpha,
                         lw=2 if what == 'validation' else 1, color=COLORS[model],
                         label=f"{MODELS[model][0]}, {what}")
                 if what == 'validation':
-                    sd = [s[1] for s in stats]
                     ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
                                     alpha=0.15, color=COLORS[model])
         for ms in res.scale.ro_decay_milestones:
@@ -933,12 +940,10 @@ def make_plots(res: Results, plot_dir: Path, rel: str) -> dict[str, str]:
         ax.set_title(f"{DATASETS[ds]['label']}: {res.scale.ro_train_n_ex} training images", fontsize=10)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(f'(c) long runs: robust accuracy per epoch (validation PGD-{res.scale.val_attack_steps}, '
-                 f'mean ± std over {res.seeds} seeds; training PGD-3 on the batches, mean)', fontsize=10)
-    fig.tight_layout()
-    fig.savefig(plot_dir / 'robust_overfitting_long.png', dpi=110)
-    plt.close(fig)
-    out['robust_overfitting_long'] = f'{rel}/robust_overfitting_long.png'
+    out['robust_overfitting_long'] = _save_figure(
+        fig, f'(c) long runs: robust accuracy per epoch (validation PGD-{res.scale.val_attack_steps}, '
+             f'mean ± std over {res.seeds} seeds; training PGD-3 on the batches, mean)',
+        plot_dir, 'robust_overfitting_long', rel, fontsize=10)
 
     for column, name, ylabel, key in (('eval_robust_top1', 'robust_overfitting.png', 'validation PGD accuracy (%)',
                                        'robust_overfitting'),
@@ -947,14 +952,9 @@ def make_plots(res: Results, plot_dir: Path, rel: str) -> dict[str, str]:
         for ax, ds in zip(axes[0], dss):
             models = REGIMES['at'] if key == 'robust_overfitting' else ('vanilla', 'robust', 'elastic')
             for model in models:
-                curves = [c for c in res.curve(ds, model, column) if c and all(isinstance(v, float) for v in c)]
-                if not curves:
+                xs, m, sd = _mean_curve(res.curve(ds, model, column))
+                if not xs:
                     continue
-                n_ep = min(len(c) for c in curves)
-                stats = [mean_std([c[e] for c in curves]) for e in range(n_ep)]
-                xs = list(range(1, n_ep + 1))
-                m = [s[0] for s in stats]
-                sd = [s[1] for s in stats]
                 emph = model in ('conv', 'elastic') or key == 'beta'
                 ax.plot(xs, m, marker='o', ms=3, lw=2 if emph else 1, alpha=1 if emph else 0.5,
                         label=MODELS[model][0], color=COLORS[model])
@@ -970,11 +970,8 @@ def make_plots(res: Results, plot_dir: Path, rel: str) -> dict[str, str]:
             ax.grid(alpha=0.3)
         title = ('(c) robust validation accuracy per epoch' if key == 'robust_overfitting'
                  else 'beta during adversarial training')
-        fig.suptitle(f'{title} (mean ± std over {res.seeds} seeds)', fontsize=11)
-        fig.tight_layout()
-        fig.savefig(plot_dir / name, dpi=110)
-        plt.close(fig)
-        out[key] = f'{rel}/{name}'
+        out[key] = _save_figure(fig, f'{title} (mean ± std over {res.seeds} seeds)', plot_dir, name[:-len('.png')],
+                                rel)
     return out
 
 
@@ -1209,11 +1206,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_experiment_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[list[str], Any]:
+    """(argv, parsed options) of an experiment script; its workers run one thread each, offline."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    return argv, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv, args = parse_experiment_args(build_parser(), argv)
     scale = SCALES[args.scale]
     seeds = args.seeds or scale.seeds
     if seeds < 1:

@@ -136,21 +136,9 @@ def test_awp_under_ddp_keeps_the_ranks_identical(tmp_path):
     same weights, so both end with identical parameters and buffers, the EDL layers' step-size
     caches aside (L is refreshed per process after each perturbation, warm-started from that
     process's own vector; a derived cache, which weights digests leave out too)."""
-    import os
-    import subprocess
-    import sys
-
-    from test_train import REPO_ROOT, _WORKER, _free_port, tiny_args
-    worker = tmp_path / 'worker.py'
-    worker.write_text(_WORKER)
+    from test_train import launch_two_cpu_ranks, tiny_args
     args = tiny_args(tmp_path / 'run', batch_size=16, objective='pgd', awp_gamma=0.01, epochs=1, train_n_ex=64)
-    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(REPO_ROOT))
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
-           '--main_process_port', str(_free_port()), str(worker), str(tmp_path)] + args
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    s0, s1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=False)['state'] for r in (0, 1))
+    s0, s1 = (rank['state'] for rank in launch_two_cpu_ranks(tmp_path, args))
     caches = ('.lipschitz', '.lipschitz_size')
     assert not [k for k in s0 if not k.endswith(caches) and not torch.equal(s0[k], s1[k])]
     assert any(k.endswith('.lipschitz') for k in s0)

@@ -155,10 +155,11 @@ def test_bench_attack_quick(tmp_path):
     assert data['machine']['commit']
 
 
-def test_bench_attack_apgd_flops_extrapolation_is_exact():
+def test_bench_attack_apgd_flops_extrapolation_is_exact(monkeypatch):
     """The APGD-CE FLOPs extrapolated from n_iter = 1 and 2 equal a direct count."""
     import torch
 
+    monkeypatch.syspath_prepend(str(BENCH_DIR))  # as when the script runs: its folder is on sys.path
     spec = importlib.util.spec_from_file_location('bench_attack', BENCH_DIR / 'bench_attack.py')
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

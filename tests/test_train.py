@@ -408,20 +408,25 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_train_data_parallel(tmp_path):
-    """`accelerate launch` with 2 CPU processes (gloo): the ranks see disjoint shards of every
-    epoch and end with identical weights, including the betas released after wrapping."""
+def launch_two_cpu_ranks(tmp_path: Path, args: list) -> list:
+    """Train with `accelerate launch` on 2 CPU processes (gloo); the dicts each rank saved."""
     worker = tmp_path / 'worker.py'
     worker.write_text(_WORKER)
-    out = tmp_path / 'run'
-    args = tiny_args(out, batch_size=16, objective='trades', elastic_from_epoch=1, train_n_ex=128)
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(REPO_ROOT))
     cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
            '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no',
            '--main_process_port', str(_free_port()), str(worker), str(tmp_path)] + args
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
+    return [torch.load(tmp_path / f'rank{r}.pt', weights_only=False) for r in (0, 1)]
+
+
+def test_two_cpu_processes_train_data_parallel(tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): the ranks see disjoint shards of every
+    epoch and end with identical weights, including the betas released after wrapping."""
+    out = tmp_path / 'run'
+    ranks = launch_two_cpu_ranks(tmp_path, tiny_args(out, batch_size=16, objective='trades', elastic_from_epoch=1,
+                                                     train_n_ex=128))
     assert all(r['num_processes'] == 2 for r in ranks)
     s0, s1 = ranks[0]['state'], ranks[1]['state']
     assert not [k for k in s0 if not torch.equal(s0[k], s1[k])]

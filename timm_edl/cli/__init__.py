@@ -35,7 +35,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if name not in COMMANDS:
         print(f"timm-edl: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
-    from .runtime import keep_freed_memory
+    from ..runtime import keep_freed_memory
     keep_freed_memory()  # our own process: reuse freed activation buffers (see timm_edl/runtime.py)
     module = importlib.import_module(COMMANDS[name][0])
     entry = getattr(module, "main")

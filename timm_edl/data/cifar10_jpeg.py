@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import os
 import tarfile
@@ -18,6 +17,7 @@ from .cifar import CIFAR10_INFO
 from .constants import CIFAR10_CLASSES
 from .errors import CorruptDatasetError, DatasetNotFoundError
 from .source import PathLike, Source, bullets, data_root
+from ..weights import file_sha256
 
 CIFAR10_JPEG_INFO = dataclasses.replace(
     CIFAR10_INFO, name="cifar10-jpeg", display_name="CIFAR-10-JPEG", lossy=True,
@@ -58,7 +58,7 @@ def load_cifar10_jpeg(data_dir: Optional[PathLike], split: str, download: bool) 
             "Point --data-dir at the folder holding train.tar.gz and test.tar.gz (gzip'd tars of "
             "<split>/<class>/NNNN.jpg). It cannot be downloaded"
             + ("; for the real data use --dataset cifar10 --download." if download else "."))
-    digest = _sha256(archive)
+    digest = file_sha256(archive)
     _check_against_sha256sums(archive, digest)
     cache_file = (cache_dir() / "cifar10-jpeg"
                   / f"{split}-{digest[:16]}-v{_CIFAR10_JPEG_CACHE_VERSION}.npz")
@@ -68,14 +68,6 @@ def load_cifar10_jpeg(data_dir: Optional[PathLike], split: str, download: bool) 
         _write_cache(cache_file, cached)
     images, labels = cached
     return Source(CIFAR10_JPEG_INFO, images=images, labels=labels.astype(np.int64))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_against_sha256sums(archive: Path, digest: str) -> None:

@@ -18,12 +18,10 @@ from timm.models import parse_model_name
 
 from ..convert import apply_conversion
 from ..weights import (
-    CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, CorruptCheckpointError, check_safetensors_file, check_state_dict,
-    file_sha256, hf_download, load_checkpoint, read_state_dict, refuse_pickle,
+    CONFIG_NAME, WEIGHTS_NAME, CorruptCheckpointError, check_safetensors_file, check_state_dict,
+    file_sha256, hf_download, is_pickle_name, load_checkpoint, read_state_dict, refuse_pickle,
 )
 
-# The pickle files timm's Hub and local-dir loaders fall back to when model.safetensors is absent.
-_PICKLE_HUB_FILES = ('pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
 
 
 class ArchitectureNotRegisteredError(RuntimeError):
@@ -91,16 +89,17 @@ class _Files:
         return raw, pretrained_cfg, arch, dict(model_args or {})
 
     def weights(self, allow_pickle: bool) -> Path:
-        path = self.get(WEIGHTS_NAME)
-        if path is not None:
-            return path
-        candidates = list(_PICKLE_HUB_FILES)
+        """The weights file timm's loaders would read (their preferred names, then for a folder the
+        first file per extension in their priority order), after the pickle gate."""
+        from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES  # not exported by timm.models
+        candidates = list(_PREFERRED_FILES)
         if self.source == 'local-dir':
-            candidates += [p.name for p in sorted(Path(self.ident).iterdir()) if p.name.endswith(PICKLE_SUFFIXES)]
+            folder = Path(self.ident)
+            candidates += [files[0].name for ext in _EXT_PRIORITY if (files := sorted(folder.glob(f'*{ext}')))]
         for name in candidates:
             path = self.get(name)
             if path is not None:
-                if not allow_pickle:
+                if is_pickle_name(name) and not allow_pickle:
                     raise refuse_pickle(f"{self.where}/{name}")
                 return path
         raise FileNotFoundError(f"{self.where}: no {WEIGHTS_NAME} found (nor any other weights file)")
