@@ -99,10 +99,12 @@ def main(argv=None) -> int:
         return 2
     summary = summarise(junit)
     commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'timm_edl'], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
     record = {'timm_version': version, 'select': args.select,
               'command': f"python experiments/timm_model_tests.py -k {args.select}",
               'pytest_command': ' '.join(cmd[1:]), 'exit_status': done.returncode, 'wall_seconds': round(wall),
-              'commit': commit, 'machine': f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              'commit': commit, 'timm_edl_modified': bool(dirty), 'machine': f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                           f"{args.threads} threads", **summary}
     CACHE.mkdir(parents=True, exist_ok=True)
     out = CACHE / f'timm-{version}.json'

@@ -229,9 +229,11 @@ def test_head_and_classifier_reset(name, make_edlnet):
         assert out.shape == (b, model.num_features, *pool)
         assert torch.allclose(out, feats, atol=1e-6)
 
-        model.reset_classifier(7)
+        model.reset_classifier(7, 'avg')  # the pooling is kept unless given (timm's rule)
         assert model.num_classes == 7 and model.get_classifier().out_features == 7
         assert model(x).shape == (b, 7)
+        model.eval().reset_classifier(5)
+        assert model(x).shape == (b, 5) and not model.get_classifier().training
 
     headless = make_edlnet(name, num_classes=0, global_pool='')
     with torch.no_grad():
@@ -241,6 +243,22 @@ def test_head_and_classifier_reset(name, make_edlnet):
     pooled = make_edlnet(name, num_classes=0)
     with torch.no_grad():
         assert pooled(x).shape == (b, pooled.num_features)
+
+
+@pytest.mark.parametrize('name', ALL_ARCHS)
+def test_factory_device_and_dtype(name):
+    """timm's factory kwargs: every tensor is created on ``device`` (meta: no memory), float
+    parameters in ``dtype``; the network runs there, and a new head follows the model."""
+    model = timm.create_model(name, device='meta', dtype=torch.float64).eval()
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert all(t.device.type == 'meta' for _, t in tensors), [n for n, t in tensors if t.device.type != 'meta'][:5]
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    c, h, w = model.pretrained_cfg['input_size']
+    out = model(torch.empty(2, c, h, w, device='meta', dtype=torch.float64))
+    assert out.shape == (2, model.num_classes) and out.dtype == torch.float64
+    model.reset_classifier(3)
+    fc = model.get_classifier()
+    assert fc.weight.device.type == 'meta' and fc.weight.dtype == torch.float64 and not fc.training
 
 
 # ======================================================================= in_chans

@@ -124,8 +124,8 @@ def _replace_conv(model: nn.Module, name: str, kwargs: Dict[str, Any], copy_weig
     conv = model.get_submodule(name)
     kwargs = dict(kwargs)
     kwargs.setdefault('bias', conv.bias is not None)
-    edl = EDLConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, **kwargs)
-    edl = edl.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    edl = EDLConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, **kwargs,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
     if copy_weights:
         with torch.no_grad():
             edl.weight.copy_(conv.weight)

@@ -163,10 +163,17 @@ def read_state_dict(path: Union[str, Path], *, allow_pickle: bool = False) -> Di
     return state_dict
 
 
-
 def check_state_dict(
         model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool, allow_unexpected: bool = False,
 ) -> None:
+    """Raise :class:`StateDictMismatchError` when ``state_dict`` does not fit ``model``.
+
+    Before anything is copied, unlike ``nn.Module.load_state_dict(strict=True)``, which copies
+    every tensor that fits and only then raises (leaving the model half-loaded); it also works
+    on meta-device tensors (an export is verified without reading its weights) and says when
+    the mismatch is a question of EDL layers.  ``strict=False`` tolerates missing and
+    unexpected keys (``allow_unexpected`` the unexpected ones alone), never mis-shaped ones.
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

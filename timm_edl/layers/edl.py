@@ -149,6 +149,7 @@ class EDLConv2d(nn.Module):
             the same math as :func:`rista`, elementwise work fused by the compiler;
             the first call per geometry compiles).  Takes precedence over ``fused``;
             with ``memory_efficient`` the compiled solver is checkpointed.
+        device, dtype: where and in which dtype parameters and buffers are created (as ``nn.Conv2d``).
 
     Shapes: input (B, C_in, H, W) -> output (B, C_out, H', W'), H', W' as for ``nn.Conv2d``.
     """
@@ -183,8 +184,11 @@ class EDLConv2d(nn.Module):
             fused: bool = True,
             memory_efficient: bool = False,
             compile_solver: bool = False,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if in_chans <= 0 or out_chans <= 0:
             raise ValueError(f"EDLConv2d needs positive channel counts, got in_chans={in_chans}, out_chans={out_chans}")
         _check_solver_options(num_steps, step_rule, init, reweight)
@@ -220,25 +224,25 @@ class EDLConv2d(nn.Module):
         self.memory_efficient = memory_efficient
         self.compile_solver = compile_solver
 
-        self.weight = nn.Parameter(torch.empty(out_chans, in_chans, k[0], k[1]))
-        self.bias = nn.Parameter(torch.zeros(out_chans)) if bias else None
-        beta_t = torch.tensor(float(beta))
+        self.weight = nn.Parameter(torch.empty(out_chans, in_chans, k[0], k[1], **dd))
+        self.bias = nn.Parameter(torch.zeros(out_chans, **dd)) if bias else None
+        beta_t = torch.tensor(float(beta), **dd)
         if beta_learnable:
             self.beta = nn.Parameter(beta_t)
         else:
             self.register_buffer('beta', beta_t)
-        lam_t = torch.tensor(float(lam))
+        lam_t = torch.tensor(float(lam), **dd)
         if lam_learnable:
             self.lam = nn.Parameter(lam_t)
         else:
             self.register_buffer('lam', lam_t)
-        self.step_scale = nn.Parameter(torch.ones(())) if step_rule == 'learnable' else None
+        self.step_scale = nn.Parameter(torch.ones((), **dd)) if step_rule == 'learnable' else None
         # L and the input size it was computed at are saved with the weights, so a loaded
         # model reproduces the step sizes it was trained with; the power-iteration vector
         # (as large as one input) is only a warm start and is not saved.
-        self.register_buffer('lipschitz', torch.zeros(()))
-        self.register_buffer('lipschitz_size', torch.tensor([-1, -1], dtype=torch.long))
-        self.register_buffer('power_vector', torch.zeros(0), persistent=False)
+        self.register_buffer('lipschitz', torch.zeros((), **dd))
+        self.register_buffer('lipschitz_size', torch.tensor([-1, -1], dtype=torch.long, device=device))
+        self.register_buffer('power_vector', torch.zeros(0, **dd), persistent=False)
         self._cache_key: List[int] = [-1, -1, -1, -1]  # H, W, weight version, weight address
         self.track_stats = False
         self.last_objective = None
@@ -258,9 +262,11 @@ class EDLConv2d(nn.Module):
         self.power_vector = torch.zeros(0, device=self.weight.device)
 
     def extra_repr(self) -> str:
+        def value(t: torch.Tensor) -> str:
+            return f"{t.item():.3g}" if t.device.type != 'meta' else '?'
         return (f"{self.in_chans}, {self.out_chans}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, num_steps={self.num_steps}, beta={self.beta.item():.3g}, "
-                f"beta_learnable={isinstance(self.beta, nn.Parameter)}, lam={self.lam.item():.3g}, "
+                f"padding={self.padding}, num_steps={self.num_steps}, beta={value(self.beta)}, "
+                f"beta_learnable={isinstance(self.beta, nn.Parameter)}, lam={value(self.lam)}, "
                 f"step_rule={self.step_rule}, init={self.init}, reweight={self.reweight}, eps={self.eps}, "
                 f"nonneg={self.nonneg}, "
                 f"normalize_atoms={self.normalize}, bias={self.bias is not None}")

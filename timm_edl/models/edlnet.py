@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 from timm.layers import (
-    DropPath, LayerType, create_act_layer, create_classifier, get_act_layer, get_norm_layer, register_notrace_module,
+    DropPath, LayerType, create_act_layer, create_classifier, get_act_layer, get_device_dtype, get_norm_layer,
+    register_notrace_module,
 )
 from timm.models import (
     build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model, resolve_pretrained_cfg,
@@ -44,14 +45,16 @@ class PretrainedWeightsUnavailable(RuntimeError):
 class InputNormalize(nn.Module):
     """(x - mean) / std per channel; x: (B, C, H, W) pixels in [0, 1]."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device=None):
         super().__init__()
         if len(mean) != len(std):
             raise ValueError(f"input_mean has {len(mean)} values but input_std has {len(std)}")
         if any(s <= 0 for s in std):
             raise ValueError(f"input_std must be positive, got {tuple(std)}")
-        self.register_buffer('mean', torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        # float32 whatever the model's dtype: cast to the input's dtype where used
+        dd = dict(device=device, dtype=torch.float32)
+        self.register_buffer('mean', torch.tensor(list(mean), **dd).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(list(std), **dd).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.mean.shape[1]:
@@ -62,12 +65,12 @@ class InputNormalize(nn.Module):
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
-def _conv3x3(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False)
+def _conv3x3(in_chs: int, out_chs: int, stride: int = 1, **dd) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 3, stride=stride, padding=1, bias=False, **dd)
 
 
-def _conv1x1(in_chs: int, out_chs: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False)
+def _conv1x1(in_chs: int, out_chs: int, stride: int = 1, **dd) -> nn.Conv2d:
+    return nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False, **dd)
 
 
 class BasicBlock(nn.Module):
@@ -75,19 +78,20 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0,
-                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d):
+                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d, device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         out_chs = planes * self.expansion
-        self.conv1 = _conv3x3(in_chs, planes, stride)
-        self.bn1 = norm_layer(planes)
+        self.conv1 = _conv3x3(in_chs, planes, stride, **dd)
+        self.bn1 = norm_layer(planes, **dd)
         self.act1 = create_act_layer(act_layer, inplace=True)
-        self.conv2 = _conv3x3(planes, out_chs)
-        self.bn2 = norm_layer(out_chs)
+        self.conv2 = _conv3x3(planes, out_chs, **dd)
+        self.bn2 = norm_layer(out_chs, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.act2 = create_act_layer(act_layer, inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride), norm_layer(out_chs))
+            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride, **dd), norm_layer(out_chs, **dd))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn2.weight)
@@ -104,22 +108,23 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0,
-                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d):
+                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d, device=None, dtype=None):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         out_chs = planes * self.expansion
-        self.conv1 = _conv1x1(in_chs, planes)
-        self.bn1 = norm_layer(planes)
+        self.conv1 = _conv1x1(in_chs, planes, **dd)
+        self.bn1 = norm_layer(planes, **dd)
         self.act1 = create_act_layer(act_layer, inplace=True)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2 = norm_layer(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, **dd)
+        self.bn2 = norm_layer(planes, **dd)
         self.act2 = create_act_layer(act_layer, inplace=True)
-        self.conv3 = _conv1x1(planes, out_chs)
-        self.bn3 = norm_layer(out_chs)
+        self.conv3 = _conv1x1(planes, out_chs, **dd)
+        self.bn3 = norm_layer(out_chs, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.act3 = create_act_layer(act_layer, inplace=True)
         self.downsample = None
         if stride != 1 or in_chs != out_chs:
-            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride), norm_layer(out_chs))
+            self.downsample = nn.Sequential(_conv1x1(in_chs, out_chs, stride, **dd), norm_layer(out_chs, **dd))
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -141,18 +146,19 @@ class PreActBlock(nn.Module):
     expansion = 1
 
     def __init__(self, in_chs: int, planes: int, stride: int = 1, drop_path_rate: float = 0.0,
-                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d):
+                 act_layer: LayerType = nn.ReLU, norm_layer: LayerType = nn.BatchNorm2d, device=None, dtype=None):
         super().__init__()
-        self.bn1 = norm_layer(in_chs)
+        dd = {'device': device, 'dtype': dtype}
+        self.bn1 = norm_layer(in_chs, **dd)
         self.act1 = create_act_layer(act_layer, inplace=False)  # its output feeds both branches
-        self.conv1 = _conv3x3(in_chs, planes, stride)
-        self.bn2 = norm_layer(planes)
+        self.conv1 = _conv3x3(in_chs, planes, stride, **dd)
+        self.bn2 = norm_layer(planes, **dd)
         self.act2 = create_act_layer(act_layer, inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = _conv3x3(planes, planes, **dd)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.downsample = None
         if stride != 1 or in_chs != planes:
-            self.downsample = _conv1x1(in_chs, planes, stride)
+            self.downsample = _conv1x1(in_chs, planes, stride, **dd)
 
     def zero_init_last(self) -> None:
         pass  # the residual branch ends in a conv, nothing to zero
@@ -187,6 +193,7 @@ class EDLResNet(nn.Module):
             module names, or a callable(name, conv) -> bool).
         edl_cfg: EDLConv2d keyword arguments overriding ``EDL_DEFAULTS``.
         zero_init_last: zero-init the last BN gamma of each residual branch.
+        device, dtype: where and in which dtype parameters are created (timm's factory kwargs).
     """
 
     def __init__(
@@ -209,8 +216,11 @@ class EDLResNet(nn.Module):
             act_layer: LayerType = nn.ReLU,
             norm_layer: LayerType = nn.BatchNorm2d,
             widths: Optional[Sequence[int]] = None,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         if widths is not None:  # the older name, which exports made before `channels` record; no entrypoint sets it
             channels = widths
         act_layer, norm_layer = get_act_layer(act_layer), get_norm_layer(norm_layer)
@@ -237,16 +247,16 @@ class EDLResNet(nn.Module):
         if len(input_mean) != in_chans:
             raise ValueError(f"input_mean has {len(input_mean)} values for in_chans={in_chans}")
 
-        self.input_norm = InputNormalize(input_mean, input_std)
+        self.input_norm = InputNormalize(input_mean, input_std, device=device)
         # registration order = execution order (timm's FeatureListNet runs children in order)
         if stem_type == 'cifar':
-            self.conv1 = _conv3x3(in_chans, stem_width)
+            self.conv1 = _conv3x3(in_chans, stem_width, **dd)
             reduction = 1
         else:
-            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=False, **dd)
             reduction = 2
         # pre-activation nets normalise inside the first block instead
-        self.bn1 = nn.Identity() if self.preact else norm_layer(stem_width)
+        self.bn1 = nn.Identity() if self.preact else norm_layer(stem_width, **dd)
         self.act1 = nn.Identity() if self.preact else create_act_layer(act_layer, inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem_type == 'imagenet' else nn.Identity()
         stem_tap = 'conv1' if self.preact else 'act1'
@@ -263,7 +273,7 @@ class EDLResNet(nn.Module):
             blocks = []
             for i in range(depth):
                 dpr = drop_path_rate * block_idx / max(total_blocks - 1, 1)
-                blocks.append(block_cls(in_chs, planes, stride if i == 0 else 1, dpr, act_layer, norm_layer))
+                blocks.append(block_cls(in_chs, planes, stride if i == 0 else 1, dpr, act_layer, norm_layer, **dd))
                 in_chs = planes * block_cls.expansion
                 block_idx += 1
             reduction *= stride
@@ -276,9 +286,9 @@ class EDLResNet(nn.Module):
             # forward_features can name every stage and stay scriptable
             self.add_module(f'layer{stage_idx + 1}', nn.Identity())
         self.num_features = self.head_hidden_size = in_chs
-        self.final_norm = norm_layer(in_chs) if self.preact else nn.Identity()
+        self.final_norm = norm_layer(in_chs, **dd) if self.preact else nn.Identity()
         self.final_act = create_act_layer(act_layer, inplace=True) if self.preact else nn.Identity()
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool, **dd)
 
         self._init_weights(zero_init_last)
         self.edl_layers = edl_layers if isinstance(edl_layers, str) else 'custom'
@@ -315,9 +325,16 @@ class EDLResNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
-    def reset_classifier(self, num_classes: int, global_pool: str = 'avg') -> None:
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for ``num_classes`` (0: none) on the model's device and dtype; ``global_pool``
+        None keeps the current pooling."""
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
         self.num_classes = num_classes
-        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
+        self.global_pool, self.fc = create_classifier(self.num_features, num_classes, pool_type=global_pool,
+                                                      **get_device_dtype(self))
+        self.global_pool.train(self.training)
+        self.fc.train(self.training)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_norm(x)
