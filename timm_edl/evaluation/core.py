@@ -24,7 +24,7 @@ from .models import NAIVE_MODES, describe_model, naive_surrogate
 from .runners import (
     AUTOATTACK_VERSIONS, correct_under_attack, make_noise, make_pgd, predict_correct, run_autoattack,
 )
-from .. import results
+from .. import results as result_schema
 from ..threat import canonical_threat_model, default_eps, format_eps, parse_eps, parse_eps_list
 from .errors import EvaluationError
 
@@ -590,4 +590,5 @@ def model_index(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         name = name[:-len('.safetensors')] if name.endswith('.safetensors') else name
     entry = {k: report.get(k) for k in ('dataset', 'split', 'n_ex', 'clean_acc', 'autoattack_acc', 'pgd_acc',
                                         'threat_model', 'eps', 'eps_text', 'version', 'pgd_steps', 'data_label')}
-    return results.model_index(report.get('name') or name, [results.normalize_result(entry, 'evaluation report')])
+    entry = result_schema.normalize_result(entry, 'evaluation report')
+    return result_schema.model_index(report.get('name') or name, [entry])
