@@ -220,8 +220,10 @@ def plan(size: Size, cache_dir: Path, run_dir: Path) -> list[tuple[str, Path, Pa
     return jobs
 
 
-def run_jobs(jobs, n_workers: int, log) -> int:
-    """Run the uncached jobs, ``n_workers`` at a time, in plan order; returns the number failed."""
+def run_jobs(jobs, n_workers: int, log, worker=None) -> int:
+    """Run the uncached jobs, ``n_workers`` at a time, in plan order, each as
+    ``worker(job_dir, cache, spec)`` (default :func:`run_job`); returns the number failed."""
+    worker = worker or run_job
     todo = [j for j in jobs if pc._read_cached(j[2], j[3]) is None]
     log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} cached, {len(todo)} to run with {n_workers} worker(s)")
     failed = 0
@@ -233,7 +235,7 @@ def run_jobs(jobs, n_workers: int, log) -> int:
         while todo or running:
             while todo and len(running) < max(n_workers, 1):
                 key, job_dir, cache, spec = todo.pop(0)
-                running[pool.submit(run_job, str(job_dir), str(cache), spec)] = (key, time.time())
+                running[pool.submit(worker, str(job_dir), str(cache), spec)] = (key, time.time())
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in finished:
                 key, t0 = running.pop(fut)

@@ -24,6 +24,7 @@ __all__ = [
     'UnsafeCheckpointError', 'CorruptCheckpointError', 'StateDictMismatchError',
     'check_safetensors_file', 'read_state_dict', 'check_state_dict', 'load_checkpoint', 'state_dict_digest',
     'file_sha256', 'check_pretrained_source', 'hf_download', 'is_pickle_name', 'refuse_pickle',
+    'ZOO_DIR', 'ZOO_MANIFEST', 'shipped_weights', 'check_shipped_file',
 ]
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -31,6 +32,11 @@ CONFIG_NAME = 'config.json'
 
 # Weight files that need unpickling (timm's local-dir loader looks for these too).
 PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pth.tar', '.tar', '.ckpt', '.pkl', '.pickle')
+
+# The zoo's weights ship inside the package: one safetensors file per model, and a manifest
+# {model_name: {file, sha256, bytes}} written by experiments/zoo.py when it ships them.
+ZOO_DIR = Path(__file__).resolve().parent / '_zoo'
+ZOO_MANIFEST = ZOO_DIR / 'manifest.json'
 
 # EDLResNet arguments that no entrypoint sets and that are not in the state dict.
 EDL_ARCH_ARGS = ('edl_layers', 'edl_cfg', 'input_mean', 'input_std')
@@ -260,6 +266,29 @@ def file_sha256(path: Union[str, Path]) -> str:
     return h.hexdigest()
 
 
+def shipped_weights() -> Dict[str, Dict[str, Any]]:
+    """``{model_name: {'file', 'sha256', 'bytes', 'path'}}`` of the weights shipped in the package."""
+    if not ZOO_MANIFEST.is_file():
+        return {}
+    entries = json.loads(ZOO_MANIFEST.read_text(encoding='utf-8'))
+    return {name: {**e, 'path': str(ZOO_DIR / e['file'])} for name, e in entries.items()}
+
+
+def check_shipped_file(path: Union[str, Path]) -> None:
+    """A file of the package's zoo must have the sha256 its manifest records (else
+    :class:`CorruptCheckpointError`); files outside the zoo are not concerned."""
+    path = Path(path).resolve()
+    for name, entry in shipped_weights().items():
+        if Path(entry['path']).resolve() != path:
+            continue
+        digest = file_sha256(path) if path.is_file() else 'missing'
+        if digest != entry['sha256']:
+            raise CorruptCheckpointError(
+                f"the shipped weights of {name} ({path}) do not match the package's manifest (sha256 "
+                f"{digest}, expected {entry['sha256']}): the installation is damaged or the file was "
+                f"edited. Reinstall timm-edl (pip install --force-reinstall timm-edl).")
+
+
 def hf_download(repo: str, filename: str, cache_dir: Union[None, str, Path] = None) -> str:
     from timm.models._hub import download_from_hf  # not exported by timm.models
     return download_from_hf(repo, filename, cache_dir=cache_dir)
@@ -324,6 +353,7 @@ def check_pretrained_source(variant: str, kwargs: Dict[str, Any], allow_pickle: 
     elif load_from == 'file':
         if is_pickle_name(location):
             raise refuse_pickle(location)
+        check_shipped_file(location)
         check_safetensors_file(location)
     elif load_from == 'url':
         raise UnsafeCheckpointError(

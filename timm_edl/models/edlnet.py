@@ -27,9 +27,9 @@ from timm.models import (
 from timm.models._features import feature_take_indices  # not exported by timm.models / timm.layers
 
 from ..convert import EDL_DEFAULTS, convert_to_edl
-from ..data.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from ..data.constants import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, FASHION_MNIST_CLASSES
 from ..layers import with_legacy_options
-from ..weights import check_pretrained_source
+from ..weights import check_pretrained_source, shipped_weights
 
 __all__ = ['EDLResNet', 'BasicBlock', 'Bottleneck', 'PreActBlock', 'InputNormalize', 'PretrainedWeightsUnavailable']
 
@@ -449,7 +449,31 @@ def _imagenet_stem_cfgs(arch: str) -> Dict[str, Dict[str, Any]]:
     }
 
 
+def _zoo_cfg(model_name: str, **kwargs) -> Dict[str, Any]:
+    """A tag of the zoo: its weights ship inside the package (``timm_edl/_zoo/``) when the zoo's
+    manifest lists it, and name the Hub repository ``timm-edl push`` publishes them to."""
+    shipped = shipped_weights().get(model_name)
+    if shipped is None:
+        return _cfg(**kwargs)
+    return _cfg(file=shipped['path'], hf_hub_id=f'timm-edl/{model_name}', **kwargs)
+
+
+def _zoo_cfgs(arch: str) -> Dict[str, Dict[str, Any]]:
+    """The small CPU-trained zoo (``make zoo``): not CIFAR-10, not paper scale."""
+    fmnist, c10jpeg = f'{arch}.fashion_mnist_pgd_linf', f'{arch}.cifar10_jpeg_pgd_linf'
+    return {
+        fmnist: _zoo_cfg(fmnist, num_classes=10, input_size=(1, 28, 28), pool_size=(2, 2),
+                         mean=(0.0,), std=(1.0,), label_names=FASHION_MNIST_CLASSES,
+                         description='Fashion-MNIST (28x28 grey), PGD adversarial training, Linf eps 0.1'),
+        c10jpeg: _zoo_cfg(c10jpeg, num_classes=10, input_size=(3, 32, 32), pool_size=(2, 2),
+                          label_names=CIFAR10_CLASSES,
+                          description='CIFAR-10-JPEG (a lossy JPEG copy of CIFAR-10, not CIFAR-10), '
+                                      'PGD adversarial training, Linf eps 8/255'),
+    }
+
+
 default_cfgs = generate_default_cfgs({
+    **_zoo_cfgs('edlnet_resnet8_in'),
     **_cifar_cfgs('edlnet_resnet18'),
     **_cifar_cfgs('edlnet_resnet34'),
     **_cifar_cfgs('edlnet_resnet50'),
@@ -565,6 +589,20 @@ def edlnet_resnet18_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     """EDL ResNet-18 with the ImageNet stem (7x7 stride 2 + max-pool), for Tiny-ImageNet / ImageNet."""
     args = dict(block='basic', layers=(2, 2, 2, 2), channels=(64, 128, 256, 512), stem_width=64, stem_type='imagenet')
     return _create_edlnet('edlnet_resnet18_in', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def edlnet_resnet8_in(pretrained: bool = False, **kwargs) -> EDLResNet:
+    """EDL ResNet-8 (He et al.'s 6n + 2 with n = 1: 3 stages x 1 basic block, 16/32/64 channels)
+    with the ImageNet stem (7x7 stride 2 + max-pool) and EDL layers in the residual blocks only.
+
+    The zoo's CPU model (about 91k parameters): the stem brings 28x28 / 32x32 inputs to 7x7 /
+    8x8 before the first EDL layer, which makes a PGD-AT step about 16x cheaper than at full
+    resolution, and a plain stem conv avoids an EDL layer on raw pixels (see docs/zoo.md).
+    """
+    args = dict(block='basic', layers=(1, 1, 1), channels=(16, 32, 64), stem_width=16, stem_type='imagenet',
+                edl_layers='blocks')
+    return _create_edlnet('edlnet_resnet8_in', pretrained, **dict(args, **kwargs))
 
 
 @register_model
