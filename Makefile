@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # One BLAS thread per pytest worker: two workers on the 2-core CI machine.
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1
 
-.PHONY: install data test test-slow bench demo results decision timm-model-tests bench-h200-estimate release-gpu-prepare release-gpu release-gpu-rehearsal clean
+.PHONY: install data test test-slow bench demo results decision zoo timm-model-tests bench-h200-estimate release-gpu-prepare release-gpu release-gpu-rehearsal clean
 
 # Debian's Fashion-MNIST (full, lossless) for the data tests; needs root + apt.
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -57,6 +57,12 @@ results: $(BIN)/.installed data
 # in experiments/cache/elastic_decision/cpu/, the section 'elastic-decision' of docs/results.md.
 decision: $(BIN)/.installed data
 	$(BIN)/python experiments/elastic_decision.py --jobs 2
+
+# The zoo (issue 14; about 75 min on 2 cores, resumable): trains, evaluates, exports and ships every
+# pretrained EDLNet of the package (timm_edl/_zoo/), its card (hub_cards/) and docs/zoo.md + the README's
+# zoo table; one cached JSON + final weights per job in experiments/cache/zoo/cpu/ (experiments/zoo.py).
+zoo: $(BIN)/.installed data
+	$(BIN)/python experiments/zoo.py --jobs 2
 
 # timm's own tests/test_models.py (from the installed timm's sdist, fetched from the package registry)
 # on every edlnet_* architecture; summary in experiments/cache/timm_model_tests/ (experiments/timm_model_tests.py).

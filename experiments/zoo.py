@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import shlex
 import shutil
 import sys
@@ -44,7 +43,6 @@ from typing import Any
 
 import elastic_decision as ed
 import paper_claims as pc
-from _sections import write_section
 
 REPO = pc.REPO
 CACHE_VERSION = 1

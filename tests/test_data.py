@@ -1,7 +1,6 @@
 """Tests of timm_edl.data: every dataset source, its errors and the n_ex protocol."""
 import gzip
 import io
-import os
 import pickle
 import struct
 import tarfile
@@ -14,27 +13,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from timm_edl import data as D
+from conftest import CIFAR10_JPEG_DIR, require_cifar10_jpeg, require_fashion_mnist
 from timm_edl.data import cifar10_jpeg, fashion_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CIFAR10_JPEG_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-IN_CI = bool(os.environ.get("CI"))
-
-
-def _require_cifar10_jpeg():
-    # CI always has shared/ beside the checkout: there a missing archive fails.
-    if not (CIFAR10_JPEG_DIR / "test.tar.gz").is_file():
-        if IN_CI:
-            pytest.fail(f"CIFAR-10-JPEG archive missing: {CIFAR10_JPEG_DIR}/test.tar.gz")
-        pytest.skip(f"no CIFAR-10-JPEG archive at {CIFAR10_JPEG_DIR}")
-
-
-def _require_debian_fashion_mnist():
-    if not (D.DEBIAN_FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
-        if IN_CI:
-            pytest.fail("Debian's dataset-fashion-mnist is not installed "
-                        "(apt-get install -y dataset-fashion-mnist)")
-        pytest.skip("Debian package dataset-fashion-mnist not installed")
 
 
 # --------------------------------------------------------------------------- registry
@@ -91,7 +73,7 @@ def test_embedded_subset_is_small_and_documented():
 
 
 def test_embedded_subset_matches_debian_files(tmp_path):
-    _require_debian_fashion_mnist()
+    require_fashion_mnist()
     with np.load(D.FASHION_MNIST_SMALL_FILE) as arrays:
         subset = {key: arrays[key] for key in arrays.files}
     for split, prefix in (("train", "train"), ("test", "t10k")):
@@ -163,7 +145,7 @@ def test_loader_yields_augmented_batches():
 @pytest.fixture(scope="module")
 def jpeg_test_split(tmp_path_factory):
     """The real CIFAR-10-JPEG test split, decoded once into a private cache dir."""
-    _require_cifar10_jpeg()
+    require_cifar10_jpeg()
     cache = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TIMM_EDL_CACHE_DIR", str(cache))
@@ -215,7 +197,7 @@ def test_cifar10_jpeg_default_location_and_n_ex(jpeg_test_split, monkeypatch, tm
 
 
 def test_cifar10_jpeg_corrupt_archive(tmp_path, monkeypatch):
-    _require_cifar10_jpeg()
+    require_cifar10_jpeg()
     monkeypatch.setenv("TIMM_EDL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(cifar10_jpeg, "_CHECKOUT_SHARED_DATA_DIR", tmp_path / "nowhere")
     garbage = tmp_path / "garbage"

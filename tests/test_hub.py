@@ -24,10 +24,12 @@ import yaml
 
 import timm
 import timm_edl
+from conftest import publish_to_cache
 from timm_edl import hub
 from timm_edl.cli.export import main as export_main
 from timm_edl.cli.push import main as push_main
 from timm_edl.convert import _EDL_KEYS
+from timm_edl.data.constants import CIFAR10_CLASSES
 from timm_edl.models import edlnet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,35 +68,6 @@ def images(*shape, seed=0):
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def publish_to_cache(folder, repo_id, cache_dir):
-    """Lay ``folder``'s files out as huggingface_hub's cache holds a downloaded repo."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith('.'))
-    sha = hashlib.sha1(b''.join(p.name.encode() + p.read_bytes()[:4096] for p in files)).hexdigest()
-    repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo_dir / 'snapshots' / sha
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for p in files:
-        shutil.copy(p, snapshot / p.name)
-    (repo_dir / 'refs').mkdir(exist_ok=True)
-    (repo_dir / 'refs' / 'main').write_text(sha)
-    return snapshot
-
-
-@pytest.fixture
-def hub_cache(tmp_path, monkeypatch):
-    """An empty offline Hub cache: huggingface_hub never opens a connection."""
-    import huggingface_hub.constants as constants
-    cache = tmp_path / 'hf_cache'
-    cache.mkdir()
-    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
-    monkeypatch.setenv('HF_HUB_CACHE', str(cache))
-    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf_home'))
-    monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
-    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
-    monkeypatch.setattr(constants, 'HF_HOME', str(tmp_path / 'hf_home'))
-    return cache
-
-
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     """A tiny EDLNet (forwarded once, so its cached L is saved too), its export, its logits."""
@@ -130,7 +103,7 @@ def test_export_writes_the_folder_timm_reads(exported):
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == 'edlnet_resnet18'
     assert config['num_classes'] == 10 and config['num_features'] == 64
-    assert config['label_names'] == list(edlnet.CIFAR10_CLASSES)
+    assert config['label_names'] == list(CIFAR10_CLASSES)
     args = config['model_args']
     assert args['widths'] == [8, 16, 32, 64] and args['stem_width'] == 8 and args['in_chans'] == 3
     assert args['edl_layers'] == 'default'
@@ -253,6 +226,29 @@ def test_evaluation_report_fields_and_caveats(tmp_path):
     assert meta['datasets'] == ['cifar10']
     stored = json.loads((folder / 'config.json').read_text())['timm_edl']['evaluation'][0]
     assert stored['unreliable'] is True and 'robustbench' not in stored
+
+
+def test_card_checks_comparison_and_notes(tmp_path):
+    """The checks of each evaluation, another model's numbers on the same points, free notes;
+    a comparison on other points is refused before anything is written."""
+    ev = dict(dataset='cifar10', n_ex=1000, clean_acc=0.8, threat_model='Linf', eps=8 / 255, pgd_acc=0.5,
+              autoattack_acc=0.45, checks=[dict(name='gradient', status='passed', summary='cosine 0.99'),
+                                           dict(name='transfer', status='skipped', summary='no surrogate')])
+    twin = dict(ev, clean_acc=0.85, pgd_acc=0.4, autoattack_acc=0.375, checks=None)
+    model = tiny_edlnet()
+    folder = hub.export(model, tmp_path / 'out', eval_results=[ev], compare_results={'conv twin': [twin]},
+                        card_notes='## How it was trained\n\nBy hand, for this test.')
+    text = (folder / 'README.md').read_text()
+    assert '| `gradient` | passed | cosine 0.99 |' in text and 'not run: transfer' in text
+    assert '| conv twin | CIFAR-10 (test) | 1000 | 85.00 % | 37.50 % | 40.00 % |' in text
+    assert '| this model | CIFAR-10 (test) | 1000 | 80.00 % | 45.00 % | 50.00 % |' in text
+    assert text.index('## How it was trained') < text.index('## Model details')
+    failed = dict(ev, failed_checks=['gradient'], checks=[dict(name='gradient', status='failed', summary='cosine 0.1')])
+    text = (hub.export(model, tmp_path / 'failed', eval_results=[failed]) / 'README.md').read_text()
+    assert '**Failed: gradient; the robust accuracy above may be overstated.**' in text
+    with pytest.raises(ValueError, match='match no evaluation'):
+        hub.export(model, tmp_path / 'other', eval_results=[ev], compare_results={'twin': [dict(twin, n_ex=500)]})
+    assert not (tmp_path / 'other').exists()
 
 
 def test_in_chans_1_and_every_edl_option_round_trip(tmp_path):

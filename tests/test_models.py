@@ -36,7 +36,11 @@ from timm_edl.models.edlnet import PretrainedWeightsUnavailable, tags_with_weigh
 # Twin counts are those of the reference nets: CIFAR ResNet-18/34/50 (3x3 stem, 10 classes),
 # the RobustBench PreAct ResNet-18 (with final BN) and WRN-28-10 / WRN-34-10; the ImageNet-stem
 # ones (200 classes for the default tiny_imagenet tag) are also checked against timm's resnet.
+# edlnet_resnet8_in (the zoo's; EDL layers in the blocks by default): 79,962 = stem 7x7x3x16 + BN
+# (2,384) + layer1 (4,672) + layer2 with its 1x1 shortcut (14,528) + layer3 (57,728) + fc (650).
 ARCHS = {
+    'edlnet_resnet8_in': (('cifar10_jpeg_pgd_linf', 'fashion_mnist_pgd_linf'), 79_962, 6, 64,
+                          (16, 16, 32, 64), (2, 4, 8, 16)),
     'edlnet_resnet18': (('cifar10', 'cifar100'), 11_173_962, 17, 512,
                         (64, 64, 128, 256, 512), (1, 1, 2, 4, 8)),
     'edlnet_resnet34': (('cifar10', 'cifar100'), 21_282_122, 33, 512,
@@ -126,9 +130,10 @@ def test_default_cfg_fields(name):
     cfg = get_pretrained_cfg(name)
     assert cfg is not None and cfg.architecture == arch and cfg.tag == tag
     c, h, w = cfg.input_size
-    assert c == 3 and h == w > 0
-    assert cfg.num_classes == {'cifar10': 10, 'cifar100': 100, 'tiny_imagenet': 200, 'in1k': 1000}[tag]
-    assert tuple(cfg.mean) == (0.0, 0.0, 0.0) and tuple(cfg.std) == (1.0, 1.0, 1.0)
+    assert c == (1 if tag.startswith('fashion_mnist') else 3) and h == w > 0
+    assert cfg.num_classes == {'cifar10': 10, 'cifar100': 100, 'tiny_imagenet': 200, 'in1k': 1000,
+                               'cifar10_jpeg_pgd_linf': 10, 'fashion_mnist_pgd_linf': 10}[tag]
+    assert tuple(cfg.mean) == (0.0,) * c and tuple(cfg.std) == (1.0,) * c
     assert cfg.license and cfg.paper_ids
     assert cfg.first_conv == 'conv1' and cfg.classifier == 'fc'
     assert len(cfg.pool_size) == 2
@@ -160,7 +165,7 @@ def test_forward_features_pool_size(name, make_edlnet):
     assert torch.isfinite(logits).all()
     # first_conv / classifier name real state-dict keys
     sd = model.state_dict()
-    assert sd[cfg['first_conv'] + '.weight'].shape[1] == 3
+    assert sd[cfg['first_conv'] + '.weight'].shape[1] == cfg['input_size'][0]
     assert sd[cfg['classifier'] + '.weight'].shape[0] == cfg['num_classes']
     assert sd[cfg['classifier'] + '.bias'].shape[0] == cfg['num_classes']
 

@@ -41,3 +41,16 @@ def test_wheel_ships_the_recipes_and_train_finds_them_by_name(installed):
     assert 'fashion-mnist' in out.stdout and 'edlnet_resnet18_in' in out.stdout
     out = _run(installed, code, '--config', 'no_such_recipe', '--print-config')
     assert out.returncode != 0 and 'shipped: ' in out.stdout + out.stderr and 'cpu_cifar10_jpeg_pgd' in out.stdout + out.stderr
+
+
+def test_wheel_ships_the_zoo_and_pretrained_loads_offline(installed):
+    """A fresh, offline install: the zoo's weights come with the wheel and timm loads them."""
+    code = ("import json, timm, timm_edl\nfrom timm_edl import weights\nnames = timm.list_pretrained('edlnet*')\n"
+            "for n in names: timm.create_model(n, pretrained=True)\n"
+            "print(json.dumps([names, str(weights.ZOO_DIR), sorted(weights.shipped_weights())]))")
+    out = _run(installed, code)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+    names, zoo_dir, shipped = json.loads(out.stdout.strip().splitlines()[-1])
+    assert names and sorted(names) == shipped
+    assert zoo_dir.startswith(str(installed / 'site'))

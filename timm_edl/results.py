@@ -27,6 +27,9 @@ field               required  meaning
 ``footnote``        no        caveats printed under the results table
 ``unreliable``      no        true when a gradient-masking check failed (also implied by
                               a non-empty ``failed_checks`` list)
+``checks``          no        the gradient-masking checks run: a list of ``{"name",
+                              "status", "summary"}`` (status ``passed`` / ``failed`` /
+                              ``warning`` / ``skipped``)
 ==================  ========  =======================================================
 
 "Robust" means ``autoattack_acc`` or ``pgd_acc`` is present.  Unknown fields are ignored.
@@ -118,6 +121,11 @@ def normalize_result(entry: Dict[str, Any], where: str = 'evaluation results') -
     for key in ('architecture', 'weights_digest', 'eps_text', 'data_label', 'footnote'):
         if entry.get(key):
             out[key] = str(entry[key])
+    checks = entry.get('checks')
+    if checks:
+        if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get('name') for c in checks):
+            raise ValueError(f"{where}: checks must be a list of {{'name', 'status', 'summary'}} objects")
+        out['checks'] = [{k: str(c.get(k) or '') for k in ('name', 'status', 'summary')} for c in checks]
     failed = entry.get('failed_checks') or []
     if entry.get('unreliable') or failed:
         out['unreliable'] = True

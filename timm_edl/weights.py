@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    'WEIGHTS_NAME', 'CONFIG_NAME', 'PICKLE_SUFFIXES', 'EDL_ARCH_ARGS',
+    'WEIGHTS_NAME', 'CONFIG_NAME', 'HUB_NAMESPACE', 'PICKLE_SUFFIXES', 'EDL_ARCH_ARGS',
     'UnsafeCheckpointError', 'CorruptCheckpointError', 'StateDictMismatchError',
     'check_safetensors_file', 'read_state_dict', 'check_state_dict', 'load_checkpoint', 'state_dict_digest',
     'file_sha256', 'check_pretrained_source', 'hf_download', 'is_pickle_name', 'refuse_pickle',
@@ -28,6 +28,8 @@ __all__ = [
 ]
 
 WEIGHTS_NAME = 'model.safetensors'
+# The one place that names the Hub namespace of published timm-edl weights (repos are <namespace>/<model name>).
+HUB_NAMESPACE = 'timm-edl'
 CONFIG_NAME = 'config.json'
 
 # Weight files that need unpickling (timm's local-dir loader looks for these too).

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..convert import PRESERVE_FUNCTION, edl_layer_config
 from ..layers import edl_layers
-from ..results import attack_label, data_label, eps_text, eval_results, pct
+from ..results import attack_label, data_label, eps_text, eval_results, pct, pct_text
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / '_cards' / 'model_card.md.tmpl'  # hub_cards/ links to it
 _TAGS = ('image-classification', 'timm', 'edlnet', 'adversarial-robustness', 'timm-edl',
@@ -69,6 +69,54 @@ def evaluation_markdown(results: List[Dict[str, Any]]) -> str:
     if notes:
         note += '\n\n' + '\n\n'.join(notes)
     return '\n'.join(rows) + note
+
+
+def checks_markdown(results: List[Dict[str, Any]]) -> str:
+    """The gradient-masking checks of each evaluation that ran them ('' when none did)."""
+    parts = []
+    for r in results:
+        if not r.get('checks'):
+            continue
+        ran = [c for c in r['checks'] if c['status'] != 'skipped']
+        skipped = [c['name'] for c in r['checks'] if c['status'] == 'skipped']
+        rows = ['| Check | Status | Result |', '|---|---|---|']
+        rows += [f"| `{c['name']}` | {c['status']} | {c['summary'].replace('|', '/')} |" for c in ran]
+        failed = [c['name'] for c in ran if c['status'] == 'failed']
+        verdict = (f"**Failed: {', '.join(failed)}; the robust accuracy above may be overstated.**" if failed
+                   else f"Every check that ran passed{' (not run: ' + ', '.join(skipped) + ')' if skipped else ''}.")
+        parts.append(f"Gradient-masking checks of `timm-edl eval` ({data_label(r)}, first {r['n_ex']} test points). "
+                     f"{verdict}" + ('\n\n' + '\n'.join(rows) if ran else ''))
+    return ''.join(f"\n\n{p}" for p in parts)
+
+
+def _same_points(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    keys = ('dataset', 'split', 'n_ex', 'threat_model')
+    return all(a.get(k) == b.get(k) for k in keys) and abs(a.get('eps', 0.0) - b.get('eps', 0.0)) < 1e-9
+
+
+def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[Dict[str, Any]]]) -> str:
+    """Other models (e.g. the conv twin) on exactly the points of ``results``: one row per
+    (evaluation, model).  A comparison result that matches no evaluation of this model is an error."""
+    if not compare:
+        return ''
+    rows = ['| Model | Dataset (split) | Test points | Clean accuracy | AutoAttack accuracy | PGD accuracy |',
+            '|---|---|---|---|---|---|']
+    for r in results:
+        rows.append(f"| this model | {data_label(r)} ({r['split']}) | {r['n_ex']} | {pct_text(r['clean_acc'])} "
+                    f"| {pct_text(r.get('autoattack_acc'))} | {pct_text(r.get('pgd_acc'))} |")
+        for label, others in compare.items():
+            for o in others:
+                if _same_points(r, o):
+                    rows.append(f"| {label} | {data_label(o)} ({o['split']}) | {o['n_ex']} "
+                                f"| {pct_text(o['clean_acc'])} | {pct_text(o.get('autoattack_acc'))} "
+                                f"| {pct_text(o.get('pgd_acc'))} |")
+    for label, others in compare.items():
+        for o in others:
+            if not any(_same_points(r, o) for r in results):
+                raise ValueError(f"the comparison results of {label!r} ({data_label(o)}, {o['n_ex']} points) match no "
+                                 f"evaluation of this model: compare on the same points")
+    return ("\n\nOn the same test points, with the same attacks (each model's own evaluation JSON):\n\n"
+            + '\n'.join(rows))
 
 
 def _range_text(values: List[float]) -> str:

@@ -24,14 +24,13 @@ from ..layers import edl_layers
 from ..models.edlnet import PAPER_ID, EDLResNet
 from ..results import read_eval_results
 from ..weights import (
-    CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, CorruptCheckpointError, UnsafeCheckpointError, check_safetensors_file,
+    CONFIG_NAME, HUB_NAMESPACE, PICKLE_SUFFIXES, WEIGHTS_NAME, CorruptCheckpointError, UnsafeCheckpointError,
+    check_safetensors_file,
     check_state_dict, file_sha256, state_dict_digest,
 )
 from . import card as C
 from .load import require_registered, version
 
-# The one place that names the Hub namespace of published timm-edl weights.
-HUB_NAMESPACE = 'timm-edl'
 CARD_NAME = 'README.md'
 MANAGED = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
 EXPORT_FORMAT = 1
@@ -236,6 +235,8 @@ def export(
         data_config: Optional[Dict[str, Any]] = None,
         card_dir: Union[None, str, Path] = None,
         card_template: Union[None, str, Path] = None,
+        compare_results: Optional[Dict[str, Any]] = None,
+        card_notes: Optional[str] = None,
 ) -> Path:
     """Write a Hub-ready folder for ``model``: ``model.safetensors``, ``config.json``, ``README.md``.
 
@@ -264,6 +265,10 @@ def export(
         card_dir: also write the card to ``card_dir/<model_name>.md`` (the repo's
             ``hub_cards/`` keeps the card of every published model).
         card_template: template path (default :data:`C.CARD_TEMPLATE`).
+        compare_results: ``{label: evaluation JSON(s)}`` of other models on the same points
+            (e.g. the conv twin): a comparison table in the card; each must match the points,
+            threat model and eps of one of ``eval_results``.
+        card_notes: Markdown appended to the card's evaluation (e.g. a ``## Training`` section).
 
     The export is checked before anything is written: ``timm.create_model(architecture,
     **model_args)`` (plus the recorded conversion) must rebuild a network with the same
@@ -276,6 +281,7 @@ def export(
     kind = _kind(model)
     arch = _architecture(model)
     results = read_eval_results(eval_results)
+    compare = {label: read_eval_results(r) for label, r in (compare_results or {}).items()}
     digest = state_dict_digest(model)
     for r in results:
         if r.get('architecture') and timm.is_model(r['architecture']) and r['architecture'] != arch:
@@ -332,7 +338,9 @@ def export(
     fields = dict(
         metadata=C.metadata_yaml(model_name, license, list(datasets), results, tags),
         model_name=model_name, repo_id=repo_id, summary=summary, paper_id=PAPER_ID,
-        evaluation=C.evaluation_markdown(results),
+        evaluation=C.evaluation_markdown(results), checks=C.checks_markdown(results),
+        comparison=C.comparison_markdown(results, compare),
+        notes=f"\n\n{card_notes.strip()}" if card_notes and card_notes.strip() else '',
         details=C.details_markdown(model, arch, kind, num_params, input_size, label_names, datasets),
         edl_details=edl_text, usage=C.usage_markdown(repo_id, kind), license=license,
         timm_edl_version=version(), timm_version=timm.__version__, torch_version=torch.__version__.split('+')[0],
