@@ -49,7 +49,8 @@ COLUMNS = ['input', 'network', 'parameters', 'EDL layers', 'ms per step', 'img/s
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--batch', type=int, default=128)
-    p.add_argument('--quick', action='store_true', help='batch 2, one repeat, no warm-up (smoke test)')
+    p.add_argument('--quick', action='store_true',
+                   help='batch 2, one repeat, no warm-up, 2 power iterations for L (smoke test)')
     T.add_common_args(p, repeats=3)
     args = p.parse_args(argv)
     if args.quick:
@@ -79,7 +80,8 @@ def run(args):
         y = torch.randint(0, 10, (args.batch,), generator=gen)
         fns, meta = {}, {}
         for name, (arch, kwargs) in NETWORKS.items():
-            model = timm.create_model(arch, num_classes=10, in_chans=shape[0], **kwargs)
+            extra = dict(edl_cfg=dict(power_iters=2)) if args.quick else {}  # smoke test: a cheap first L
+            model = timm.create_model(arch, num_classes=10, in_chans=shape[0], **kwargs, **extra)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             fns[name] = at_step(model, opt, x, y, eps)
             meta[name] = (sum(p.numel() for p in model.parameters()), len(edl_layers(model)))

@@ -167,16 +167,23 @@ def _acc(report: dict[str, Any], key: str) -> str:
     return '-' if v is None else f"{100 * v:.2f}"
 
 
+def package_size_line(shipped: list[dict[str, Any]]) -> str:
+    weights = sum(s['entry']['bytes'] for s in shipped)
+    return (f"The weights add {weights:,} bytes to the package ({len(shipped)} safetensors files in "
+            f"`timm_edl/_zoo/`, plus `manifest.json`).")
+
+
 def zoo_table(shipped: list[dict[str, Any]]) -> str:
-    rows = ['| Model (`timm.create_model(..., pretrained=True)`) | Data | Threat model | Clean | PGD-20 | AutoAttack '
+    rows = ['| Model | Tag | Data | Threat model | Clean | PGD-20 | AutoAttack '
             '| Conv twin: clean / PGD-20 / AA | Params | Made by |',
-            '|---|---|---|---|---|---|---|---|---|']
+            '|---|---|---|---|---|---|---|---|---|---|']
     for s in shipped:
         info = zoo.DATASETS[s['ds']]
         full, aa = s['edl']['evals']['full']['report'], s['edl']['evals']['aa']['report']
         cfull, caa = s['conv']['evals']['full']['report'], s['conv']['evals']['aa']['report']
         rows.append(
-            f"| `{s['name']}` | {info['label']} | Linf {info['eps_text']} | {_acc(full, 'clean_acc')} ({full['n_ex']:,}) "
+            f"| `{zoo.ARCH}` | `{info['tag']}` | {info['label']} | Linf {info['eps_text']} "
+            f"| {_acc(full, 'clean_acc')} ({full['n_ex']:,}) "
             f"| {_acc(full, 'pgd_acc')} ({full['n_ex']:,}) | {_acc(aa, 'autoattack_acc')} ({aa['n_ex']:,}) "
             f"| {_acc(cfull, 'clean_acc')} / {_acc(cfull, 'pgd_acc')} / {_acc(caa, 'autoattack_acc')} "
             f"| {s['params'] / 1e3:.0f}k | `make zoo` (`{s['edl']['spec']['recipe']}`) |")
@@ -214,7 +221,7 @@ def zoo_markdown(shipped: list[dict[str, Any]], plot_rel: str | None) -> str:
              'Written by `experiments/zoo.py` from its cache (`experiments/cache/zoo/`); every number below is '
              "copied from a `timm-edl eval` JSON. Accuracies in %, number of test points in parentheses; "
              'PGD-20 = adaptive PGD through every unrolled RISTA step; AA = AutoAttack standard.', '',
-             zoo_table(shipped), '']
+             zoo_table(shipped), '', package_size_line(shipped), '']
     if plot_rel:
         lines += [f'![validation curves]({plot_rel})', '',
                   'Monitoring curves (first 1,000 test images, PGD-10, every epoch; the final weights ship, nothing '
@@ -251,5 +258,5 @@ def ship_all(size, jobs, args, log) -> list[str]:
     plot_curves(shipped, plot_path)
     plot_rel = str(plot_path.relative_to(args.out_md.parent))
     write_section(args.out_md, zoo.SECTION, zoo_markdown(shipped, plot_rel))
-    write_section(args.readme, zoo.SECTION, zoo_table(shipped))
+    write_section(args.readme, zoo.SECTION, zoo_table(shipped) + '\n\n' + package_size_line(shipped))
     return [s['name'] for s in shipped]

@@ -230,3 +230,12 @@ def test_allocator_tuning_is_on_by_default_and_can_be_opted_out():
         assert out.returncode == 0, out.stderr
         if sys.platform.startswith('linux') and os.path.exists('/lib/x86_64-linux-gnu/libc.so.6'):
             assert out.stdout.split() == expected.split()
+
+
+def test_bench_zoo_arch_quick(tmp_path):
+    stdout, data = _run('bench_zoo_arch', tmp_path)
+    _, rows = _table(stdout, 'input', 'network')
+    assert len(rows) == 8 and len(data['rows']) == 8
+    chosen = [r for r in rows if 'zoo' in r[1]]
+    assert len(chosen) == 2 and all(r[-1] == '1.00' for r in chosen)
+    assert {r[3] for r in rows} == {'19', '18', '6', '0'}  # EDL layers of each candidate
