@@ -30,7 +30,7 @@ def _cached(jobs, ds: str) -> dict[str, dict[str, Any]]:
 
 def _rel(command: str) -> str:
     """A job's command with its run folder relative to the checkout (jobs may run in another worktree)."""
-    return re.sub(r'\S*/runs/zoo/', 'runs/zoo/', command)
+    return re.sub(r'(?<![\w.-])/[^\s:]*/runs/zoo/', 'runs/zoo/', command)
 
 
 def _commit(text: str) -> str:
@@ -167,6 +167,11 @@ def _acc(report: dict[str, Any], key: str) -> str:
     return '-' if v is None else f"{100 * v:.2f}"
 
 
+def _flag(report: dict[str, Any]) -> str:
+    failed = report.get('failed_checks') or []
+    return f" (failed check: {', '.join(failed)})" if failed else ''
+
+
 def package_size_line(shipped: list[dict[str, Any]]) -> str:
     weights = sum(s['entry']['bytes'] for s in shipped)
     return (f"The weights add {weights:,} bytes to the package ({len(shipped)} safetensors files in "
@@ -185,7 +190,7 @@ def zoo_table(shipped: list[dict[str, Any]]) -> str:
             f"| `{zoo.ARCH}` | `{info['tag']}` | {info['label']} | Linf {info['eps_text']} "
             f"| {_acc(full, 'clean_acc')} ({full['n_ex']:,}) "
             f"| {_acc(full, 'pgd_acc')} ({full['n_ex']:,}) | {_acc(aa, 'autoattack_acc')} ({aa['n_ex']:,}) "
-            f"| {_acc(cfull, 'clean_acc')} / {_acc(cfull, 'pgd_acc')} / {_acc(caa, 'autoattack_acc')} "
+            f"| {_acc(cfull, 'clean_acc')} / {_acc(cfull, 'pgd_acc')} / {_acc(caa, 'autoattack_acc')}{_flag(caa)} "
             f"| {s['params'] / 1e3:.0f}k | `make zoo` (`{s['edl']['spec']['recipe']}`) |")
     return '\n'.join(rows)
 
@@ -198,7 +203,7 @@ def plot_curves(shipped: list[dict[str, Any]], plot_path: Path) -> None:
     for ax, s in zip(axes[0], shipped):
         for arm, style in (('edl', '-'), ('conv', '--')):
             rows = s[arm]['train']['epochs']
-            ep = [r['epoch'] for r in rows]
+            ep = [r['epoch'] + 1 for r in rows]  # 1-based, as the training log counts
             ax.plot(ep, [r['eval_clean_top1'] for r in rows], style, color='tab:blue', label=f'{arm} clean')
             ax.plot(ep, [r['eval_robust_top1'] for r in rows], style, color='tab:red', label=f'{arm} PGD-10')
         ax.set_title(f"{zoo.DATASETS[s['ds']]['label']} (first 1,000 test images)")
@@ -226,14 +231,16 @@ def zoo_markdown(shipped: list[dict[str, Any]], plot_rel: str | None) -> str:
         lines += [f'![validation curves]({plot_rel})', '',
                   'Monitoring curves (first 1,000 test images, PGD-10, every epoch; the final weights ship, nothing '
                   'is selected on them), EDLNet solid, conv twin dashed.', '']
-    lines += ['| Model | Epochs | Training | Train + eval (EDL / twin) | Machine | Commit | Checks (EDL, AutoAttack points) |',
-              '|---|---|---|---|---|---|---|']
+    lines += ['| Model | Epochs | Training | Train + eval (EDL / twin) | Machine | Commit | Checks (EDL, AutoAttack points) '
+              '| Conv twin\'s failed checks |',
+              '|---|---|---|---|---|---|---|---|']
     for s in shipped:
         e, c = s['edl'], s['conv']
         lines.append(f"| `{s['name']}` | {len(e['train']['epochs'])} | {_minutes(e['train']['wall_seconds'])} "
                      f"| {_minutes(e['wall_seconds'])} / {_minutes(c['wall_seconds'])} "
                      f"| {_machine_text(e.get('machine') or {})} | `{_commit(e['commit'])}` "
-                     f"| {_checks_line(e['evals']['aa']['report'])} |")
+                     f"| {_checks_line(e['evals']['aa']['report'])} "
+                     f"| {', '.join(c['evals']['aa']['report'].get('failed_checks') or []) or 'none'} |")
     lines += ['', 'Commands (each job):', '']
     for s in shipped:
         for arm in ('edl', 'conv'):

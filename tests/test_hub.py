@@ -241,6 +241,9 @@ def test_card_checks_comparison_and_notes(tmp_path):
     text = (folder / 'README.md').read_text()
     assert '| `gradient` | passed | cosine 0.99 |' in text and 'not run: transfer' in text
     assert '| conv twin | CIFAR-10 (test) | 1000 | 85.00 % | 37.50 % | 40.00 % |' in text
+    flagged = hub.export(model, tmp_path / 'flagged', eval_results=[ev],
+                         compare_results={'twin': [dict(twin, failed_checks=['autoattack-checks'])]})
+    assert '| twin (**failed check: autoattack-checks**) | CIFAR-10 (test) |' in (flagged / 'README.md').read_text()
     assert '| this model | CIFAR-10 (test) | 1000 | 80.00 % | 45.00 % | 50.00 % |' in text
     assert text.index('## How it was trained') < text.index('## Model details')
     failed = dict(ev, failed_checks=['gradient'], checks=[dict(name='gradient', status='failed', summary='cosine 0.1')])

@@ -107,7 +107,9 @@ def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[D
         for label, others in compare.items():
             for o in others:
                 if _same_points(r, o):
-                    rows.append(f"| {label} | {data_label(o)} ({o['split']}) | {o['n_ex']} "
+                    flag = f" (**failed check: {', '.join(o.get('failed_checks') or ['unreliable'])}**)" \
+                        if o.get('unreliable') else ''
+                    rows.append(f"| {label}{flag} | {data_label(o)} ({o['split']}) | {o['n_ex']} "
                                 f"| {pct_text(o['clean_acc'])} | {pct_text(o.get('autoattack_acc'))} "
                                 f"| {pct_text(o.get('pgd_acc'))} |")
     for label, others in compare.items():
