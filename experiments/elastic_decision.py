@@ -182,18 +182,26 @@ def beta_gradients(folder: Path, ds: str, eps: float, n: int, seed: int) -> dict
     return {name: float(layer.beta.grad) for name, layer in layers}
 
 
+def train_and_evaluate(job_dir: str, spec: dict[str, Any], keep=lambda report: report):
+    """``timm-edl train`` on ``spec['recipe']`` + ``spec['overrides']``, then each ``timm-edl eval``
+    of ``spec['evals']`` on the final weights: ``(train result, {name: {report, wall_seconds, command}})``
+    with each report passed through ``keep``."""
+    train = pc.run_train_job(job_dir, {'kind': 'train', 'recipe': spec['recipe'], 'overrides': spec['overrides']})
+    evals = {}
+    for name, argv in spec['evals'].items():
+        data = pc.run_eval_job(job_dir, {'kind': 'eval', 'name': name, 'weights': 'final', 'argv': argv})
+        evals[name] = {'report': keep(data['report']), 'wall_seconds': data['wall_seconds'],
+                       'command': data['command'].replace(str(REPO) + '/', '')}
+    return train, evals
+
+
 def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Train, evaluate and measure one (dataset, arm, seed); cache one JSON (worker process)."""
     pc._single_thread()
     from timm_edl.threat import parse_eps
     started = time.time()
     job = Path(job_dir)
-    train = pc.run_train_job(job_dir, {'kind': 'train', 'recipe': spec['recipe'], 'overrides': spec['overrides']})
-    evals = {}
-    for name, argv in spec['evals'].items():
-        data = pc.run_eval_job(job_dir, {'kind': 'eval', 'name': name, 'weights': 'final', 'argv': argv})
-        evals[name] = {'report': _report_subset(data['report']), 'wall_seconds': data['wall_seconds'],
-                       'command': data['command'].replace(str(REPO) + '/', '')}
+    train, evals = train_and_evaluate(job_dir, spec, _report_subset)
     grads = beta_gradients(job / 'train' / 'final', spec['dataset'], parse_eps(pc.DATASETS[spec['dataset']]['eps']),
                            spec['size']['beta_grad_n'], spec['seed'])
     result = {'spec': spec, 'train': {k: train[k] for k in ('wall_seconds', 'best_epoch', 'best_metric', 'epochs')},

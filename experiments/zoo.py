@@ -103,12 +103,7 @@ def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     pc._single_thread()
     started = time.time()
     job = Path(job_dir)
-    train = pc.run_train_job(job_dir, {'kind': 'train', 'recipe': spec['recipe'], 'overrides': spec['overrides']})
-    evals = {}
-    for name, argv in spec['evals'].items():
-        data = pc.run_eval_job(job_dir, {'kind': 'eval', 'name': name, 'weights': 'final', 'argv': argv})
-        evals[name] = {'report': data['report'], 'wall_seconds': data['wall_seconds'],
-                       'command': data['command'].replace(str(REPO) + '/', '')}
+    train, evals = ed.train_and_evaluate(job_dir, spec)
     cache = Path(cache)
     final = cache.with_name(cache.stem + '_final')
     if final.exists():

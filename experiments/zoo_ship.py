@@ -174,8 +174,8 @@ def _flag(report: dict[str, Any]) -> str:
 
 def package_size_line(shipped: list[dict[str, Any]]) -> str:
     weights = sum(s['entry']['bytes'] for s in shipped)
-    return (f"The weights add {weights:,} bytes to the package ({len(shipped)} safetensors files in "
-            f"`timm_edl/_zoo/`, plus `manifest.json`).")
+    files = f"{len(shipped)} safetensors file{'s' if len(shipped) != 1 else ''}"
+    return f"The weights add {weights:,} bytes to the package ({files} in `timm_edl/_zoo/`, plus `manifest.json`)."
 
 
 def zoo_table(shipped: list[dict[str, Any]]) -> str:

@@ -46,7 +46,8 @@ def test_smoke_zoo_trains_caches_resumes_and_ships(tmp_path, capsys):
     assert 'conv twin (edl_layers: none, same recipe)' in card and twin_clean in card
     assert 'Gradient-masking checks' in card and 'not CIFAR-10' in card and edl['train_command'] in card
     text = readme.read_text()
-    assert f'`{name}`' in text and text.endswith('## after\n') and text.startswith('# project\n')
+    assert '| `edlnet_resnet8_in` | `fashion_mnist_pgd_linf` |' in text
+    assert text.endswith('## after\n') and text.startswith('# project\n')
     assert f'`{name}`' in md.read_text() and (tmp_path / 'zoo' / 'curves.png').is_file()
 
     # resumed: nothing is retrained; a cache made with other settings is refused
