@@ -2,6 +2,7 @@
 ``pretrained=True`` and their sha256 checked, published through the Hub cache, fine-tuned on a
 tiny ImageFolder, and their cards' numbers reproduced (clean accuracy on the first 1,000 test
 points exactly, PGD-20 on the first 200 within 1 point)."""
+import ast
 import json
 import os
 import re
@@ -51,7 +52,7 @@ def test_list_pretrained_in_a_fresh_offline_interpreter():
     proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     listed, ok = proc.stdout.strip().split('\n')
-    assert sorted(eval(listed)) == sorted(ZOO) and ok == 'ok'
+    assert sorted(ast.literal_eval(listed)) == sorted(ZOO) and ok == 'ok'
 
 
 @pytest.mark.parametrize('name', sorted(ZOO))

@@ -25,8 +25,7 @@ from ..models.edlnet import PAPER_ID, EDLResNet
 from ..results import read_eval_results
 from ..weights import (
     CONFIG_NAME, HUB_NAMESPACE, PICKLE_SUFFIXES, WEIGHTS_NAME, CorruptCheckpointError, UnsafeCheckpointError,
-    check_safetensors_file,
-    check_state_dict, file_sha256, state_dict_digest,
+    check_safetensors_file, check_state_dict, file_sha256, state_dict_digest,
 )
 from . import card as C
 from .load import require_registered, version

@@ -519,9 +519,10 @@ def edlnet_resnet8_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     """EDL ResNet-8 (He et al.'s 6n + 2 with n = 1: 3 stages x 1 basic block, 16/32/64 channels)
     with the ImageNet stem (7x7 stride 2 + max-pool) and EDL layers in the residual blocks only.
 
-    The zoo's CPU model (about 91k parameters): the stem brings 28x28 / 32x32 inputs to 7x7 /
-    8x8 before the first EDL layer, which makes a PGD-AT step about 16x cheaper than at full
-    resolution, and a plain stem conv avoids an EDL layer on raw pixels (see docs/zoo.md).
+    The zoo's CPU model (about 80k parameters): the stem brings 28x28 / 32x32 inputs to 7x7 /
+    8x8 before the first EDL layer (its PGD-AT step is about 20x cheaper than a CIFAR-stem
+    ResNet-20 EDLNet's: benchmarks/bench_zoo_arch.py), and a plain stem conv avoids an EDL
+    layer on raw pixels (see docs/zoo.md).
     """
     args = dict(block='basic', layers=(1, 1, 1), channels=(16, 32, 64), stem_width=16, stem_type='imagenet',
                 edl_layers='blocks')
