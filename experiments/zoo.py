@@ -44,10 +44,9 @@ from pathlib import Path
 from typing import Any
 
 import elastic_decision as ed
-import paper_claims as pc
+from _jobs import REPO, git_commit, machine_info, read_cached, single_thread, write_json
 from _sections import write_section
 
-REPO = pc.REPO
 CACHE_VERSION = 1
 ARCH = 'edlnet_resnet8_in'
 ARMS = {'edl': [], 'conv': ['--model-kwargs.edl_layers', 'none']}
@@ -103,7 +102,7 @@ def job_spec(size: Size, ds: str, arm: str) -> dict[str, Any]:
 
 def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one (dataset, arm); cache its JSON and final weights (worker process)."""
-    pc._single_thread()
+    single_thread()
     started = time.time()
     job = Path(job_dir)
     train, evals = ed.train_and_evaluate(job_dir, spec)
@@ -117,9 +116,9 @@ def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     result = {'spec': spec, 'train': {k: train[k] for k in ('wall_seconds', 'cpu_seconds', 'epochs')},
               'train_command': f"timm-edl train --config {spec['recipe']} "
                                + ' '.join(map(shlex.quote, spec['overrides'])),
-              'evals': evals, 'wall_seconds': time.time() - started, 'commit': pc._git_commit(),
-              'machine': pc._machine(), 'finished': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}
-    pc._write_json(cache, result)
+              'evals': evals, 'wall_seconds': time.time() - started, 'commit': git_commit(),
+              'machine': machine_info(), 'finished': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}
+    write_json(cache, result)
     return result
 
 
@@ -135,7 +134,7 @@ def _cached(jobs, ds: str) -> dict[str, dict[str, Any]]:
     out = {}
     for key, _, cache, spec in jobs:
         if spec['dataset'] == ds:
-            data = pc._read_cached(cache, spec)
+            data = read_cached(cache, spec)
             if data is not None:
                 out[spec['arm']] = dict(data, final=cache.with_name(cache.stem + '_final'))
     return out
@@ -155,7 +154,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _machine_text(m: dict[str, Any]) -> str:
-    """Jobs run one thread each (``paper_claims._single_thread``), ``--jobs`` of them side by side."""
+    """Jobs run one thread each (``_jobs.single_thread``), ``--jobs`` of them side by side."""
     return f"{m.get('cpu', 'CPU')} ({m.get('cores', '?')} cores), one thread per job, no GPU" if m else 'unknown'
 
 

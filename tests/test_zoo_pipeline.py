@@ -14,8 +14,8 @@ from timm_edl.weights import file_sha256
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'experiments'))
 
-import paper_claims as pc  # noqa: E402
 import zoo  # noqa: E402
+from _jobs import CacheMismatch  # noqa: E402
 
 
 def test_smoke_zoo_trains_caches_resumes_and_ships(tmp_path, capsys):
@@ -56,5 +56,5 @@ def test_smoke_zoo_trains_caches_resumes_and_ships(tmp_path, capsys):
     assert '2 cached, 0 to run' in capsys.readouterr().out
     edl['spec']['overrides'] = edl['spec']['overrides'] + ['--epochs', '7']
     (d['cache'] / 'fashion-mnist' / 'edl.json').write_text(json.dumps(edl))
-    with pytest.raises(pc.CacheMismatch):
+    with pytest.raises(CacheMismatch):
         zoo.main(args)
