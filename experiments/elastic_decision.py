@@ -19,7 +19,7 @@ per-point comparisons on the same test points (McNemar's exact test) for elastic
 and elastic vs conv, beta per layer over epochs (plots), and the decision.
 
 Each (dataset, arm, seed) is one job: train, evaluate, measure, then cache one JSON in
-``experiments/cache/elastic_decision/<size>/`` (committed, so a later session resumes from
+``experiments/cache/elastic_decision/<size>/`` (committed, so any later run resumes from
 it); weights and logs go to ``runs/elastic_decision/`` (not committed).  Jobs run seed 0 of
 every arm first, then the other seeds, ``--jobs`` at a time; re-running skips cached jobs
 and a cached job made with other settings is an error.  The report is the section

@@ -8,10 +8,11 @@ commands (``timm_edl.train`` on the recipe, ``timm-edl eval``):
 
 Every model gets two evaluations: clean + PGD-20 on the whole test set, and AutoAttack
 standard + PGD-20 + noise + every gradient-masking check on the first 1,000 test points.
-A finished job is one JSON in ``experiments/cache/zoo/<dataset>/<arm>.json`` (spec, training
+A finished job is one JSON in ``experiments/cache/zoo/<size>/<dataset>/<arm>.json`` (spec, training
 curve, both evaluation reports, wall time, commit, machine) plus its final weights folder
-``<arm>_final/`` (committed: a later session resumes from them and never retrains); runs go
-to ``runs/zoo/`` (not committed).  A cached job made with other settings is an error.
+``<arm>_final/`` (config.json and model.safetensors); the cache is committed, so any later run
+resumes from it and never retrains.  Runs go to ``runs/zoo/`` (not committed).  A cached job
+made with other settings is an error.
 
 Then, from the cache only, for each dataset whose two jobs are done and whose checks all pass:
 
@@ -19,7 +20,9 @@ Then, from the cache only, for each dataset whose two jobs are done and whose ch
   numbers on the same points, card to ``hub_cards/<model_name>.md``;
 * its ``model.safetensors`` copied to ``timm_edl/_zoo/<model_name>.safetensors`` and recorded
   (sha256, bytes, commit, wall times) in ``timm_edl/_zoo/manifest.json``, which makes
-  ``timm.create_model('<model_name>', pretrained=True)`` load it;
+  ``timm.create_model('<model_name>', pretrained=True)`` load it; the package copy is then the
+  only one: the cache's ``edl_final/model.safetensors`` is removed, and shipping again reads
+  the package file, checked against the sha256 in ``edl_final/config.json``;
 * ``docs/zoo.md`` (zoo table, curves, per-check status) and the README's zoo table.
 
 ::
@@ -140,6 +143,37 @@ def _cached(jobs, ds: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def final_folder(final: Path, shipped: Path, work: Path) -> Path:
+    """A ``local-dir`` folder of a cached job's final weights: ``final`` itself when it holds
+    ``model.safetensors``; else (a shipped model, whose one stored copy is the package's) ``work``
+    with ``final/config.json`` and the package copy ``shipped``, checked against the sha256 that
+    config.json recorded when training wrote the weights."""
+    from timm_edl.weights import file_sha256
+    if (final / 'model.safetensors').is_file():
+        return final
+    config = json.loads((final / 'config.json').read_text())
+    sha = (config.get('timm_edl') or {}).get('weights_sha256')
+    if not shipped.is_file() or file_sha256(shipped) != sha:
+        raise RuntimeError(f"{final} has no model.safetensors and the package copy {shipped} "
+                           f"{'is missing' if not shipped.is_file() else 'does not match its sha256 ' + str(sha)}: "
+                           f"restore the file from git (git checkout -- {shipped}), or delete {final} and its "
+                           f"cached JSON to train the job again")
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(final / 'config.json', work / 'config.json')
+    shutil.copy2(shipped, work / 'model.safetensors')
+    return work
+
+
+def drop_cached_weights(final: Path, shipped: Path, log) -> None:
+    """Keep one copy of a shipped model's weights, the package's: remove ``final/model.safetensors``
+    when it is byte-identical to ``shipped`` (:func:`final_folder` finds it there by its sha256)."""
+    from timm_edl.weights import file_sha256
+    cached = final / 'model.safetensors'
+    if cached.is_file() and file_sha256(cached) == file_sha256(shipped):
+        cached.unlink()
+        log(f"{final}: weights kept once, in the package ({shipped.name})")
+
+
 def _rel(command: str) -> str:
     """A job's command with its run folder relative to the checkout (jobs may run in another worktree)."""
     return re.sub(r'(?<![\w.-])/[^\s:]*/runs/zoo/', 'runs/zoo/', command)
@@ -243,19 +277,20 @@ def ship(ds: str, jobs, args, run_dir: Path, zoo_dir: Path, log) -> dict[str, An
         return None
     name = model_name(ds)
     work = run_dir / 'ship' / name
+    target = zoo_dir / f'{name}.safetensors'
+    source = final_folder(edl['final'], target, work / 'final')
     edl_jsons = _write_eval_jsons(work / 'edl', edl)
     conv_jsons = _write_eval_jsons(work / 'conv', conv)
     notes = work / 'card_notes.md'
     notes.write_text(card_notes(ds, edl, conv))
     out = work / 'export'
-    argv = (['--model', f"local-dir:{edl['final']}", '--eval-results', *map(str, edl_jsons),
+    argv = (['--model', f"local-dir:{source}", '--eval-results', *map(str, edl_jsons),
              '--compare-results', *[f'conv twin (edl_layers: none, same recipe)={p}' for p in conv_jsons],
              '--card-notes', str(notes), '--model-name', name, '--out', str(out), '--overwrite',
              '--card-dir', str(args.card_dir)])
     if export_main(argv) != 0:
         raise RuntimeError(f"timm-edl export {' '.join(map(shlex.quote, argv))} failed")
     zoo_dir.mkdir(parents=True, exist_ok=True)
-    target = zoo_dir / f'{name}.safetensors'
     shutil.copy2(out / 'model.safetensors', target)
     entry = {'file': target.name, 'sha256': file_sha256(target), 'bytes': target.stat().st_size,
              'recipe': edl['spec']['recipe'], 'train_command': edl['train_command'],
@@ -269,6 +304,7 @@ def ship(ds: str, jobs, args, run_dir: Path, zoo_dir: Path, log) -> dict[str, An
     tmp.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + '\n')
     tmp.replace(manifest)
     log(f"{ds}: shipped {name} ({entry['bytes']:,} bytes, sha256 {entry['sha256'][:16]}...)")
+    drop_cached_weights(edl['final'], target, log)
     return {'name': name, 'ds': ds, 'edl': edl, 'conv': conv, 'entry': entry}
 
 
