@@ -62,3 +62,8 @@ def check_cell(statuses: list[str | None]) -> str:
     passed = sum(s in ('passed', 'warning') for s in statuses)
     warn = sum(s == 'warning' for s in statuses)
     return f'passed {passed}/{n}' + (f' ({warn} warning{"s" if warn > 1 else ""})' if warn else '')
+
+
+def checks_part(res: Results) -> list[str]:
+    """Part (d) of the document: the table of every evaluated model's checks and its summary."""
+    return ['## (d) Gradient-masking checks of every evaluated model', ''] + checks_section(res)

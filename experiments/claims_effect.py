@@ -109,3 +109,12 @@ def plot_beta(res: Results, plot_dir: Path, rel: str) -> str:
     models = ('vanilla', 'robust', 'elastic')
     return epoch_curves(res, plot_dir, rel, 'train_beta_mean', models, models, 'mean beta over EDL layers',
                         'beta during adversarial training', 'beta')
+
+
+def effect_part(res: Results, plots: dict[str, str]) -> list[str]:
+    """Part (b) of the document: a table, the betas and a summary per dataset, then the plots."""
+    lines = ['## (b) The EDL effect: the same PGD adversarial training for every model', '']
+    for ds in res.datasets:
+        lines += effect_section(res, ds)
+    lines += [f"![EDL effect]({plots['edl_effect']})", '', f"![beta during training]({plots['beta']})", '']
+    return lines

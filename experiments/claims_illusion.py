@@ -71,3 +71,13 @@ def plot_illusion(res: Results, plot_dir: Path, rel: str) -> str:
               + [('pgd', 'adaptive PGD'), ('autoattack', 'AutoAttack')])
     return bar_figure(res, plot_dir, rel, 'illusion', '(a) robustness illusion', groups, REGIMES['natural'],
                       'natural', 'natural training')
+
+
+def illusion_part(res: Results, plots: dict[str, str]) -> list[str]:
+    """Part (a) of the document: the question, a table and summary per dataset, the bar chart."""
+    lines = ['## (a) The robustness illusion: natural training, vanilla DL vs conv twin', '',
+             ("Does a naturally trained vanilla-DL network (beta = 1, SDNet-style) look robust under random noise "
+              "and naive attacks, and is that robustness gone under the adaptive attack and AutoAttack?"), '']
+    for ds in res.datasets:
+        lines += illusion_section(res, ds, plots if ds == res.datasets[-1] else {})
+    return lines

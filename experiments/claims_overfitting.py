@@ -139,3 +139,32 @@ def plot_overfitting_long(res: Results, plot_dir: Path, rel: str) -> str:
         fig, f'(c) long runs: robust accuracy per epoch (validation PGD-{res.scale.val_attack_steps}, '
              f'mean ± std over {res.seeds} seeds; training PGD-3 on the batches, mean)',
         plot_dir, 'robust_overfitting_long', rel, fontsize=10)
+
+
+def overfitting_part(res: Results, meta: dict[str, Any], plots: dict[str, str]) -> list[str]:
+    """Part (c) of the document: the short runs of (b), then the long runs, each with its plot."""
+    sc = res.scale
+    ro_models = ', '.join(MODELS[m][0] for m in REGIMES['ro'])
+    lines = ['## (c) Robust overfitting: best vs last checkpoint', '',
+             ("Robust overfitting (Rice et al. 2020): in adversarial training with a piecewise learning rate, the "
+              "test robust accuracy peaks shortly after the first lr decay and then falls, so the last checkpoint "
+              "is below the best one. Every run below has a robust validation after every epoch; `best/` is the "
+              "epoch with the highest validation PGD accuracy."), '',
+             '### Short runs: the adversarial runs of (b)', '',
+             (f"No separate run: a multistep schedule ({sc.epochs} epochs, lr x0.1 at "
+              f"epochs {', '.join(str(m + 1) for m in sc.decay_milestones)}) on {sc.train_n_ex} images."), '']
+    for ds in res.datasets:
+        lines += overfitting_section(res, ds, 'at', '####')
+    lines += [f"![robust overfitting]({plots['robust_overfitting']})", '',
+              '### Long runs on a small training set', '',
+              (f"Separate runs ({ro_models}), where robust overfitting usually shows: the recipe of (b) (PGD-3 "
+               f"training, batch {sc.batch_size}, SGD lr {sc.lr}, elastic DL two-stage with beta frozen at 1 for "
+               f"epochs 1-{sc.elastic_from}) on only the first {sc.ro_train_n_ex} training images (the same "
+               f"{sc.val_n_ex} held-out validation images), for {sc.ro_epochs} epochs with lr x0.1 at epochs "
+               f"{', '.join(str(m + 1) for m in sc.ro_decay_milestones)} (1-based: from that epoch on). "
+               f"Both the best-validation and the last checkpoint are evaluated on the same test points. "
+               f"Cost of this part: {ro_wall_text(res, meta)}."), '']
+    for ds in res.datasets:
+        lines += overfitting_section(res, ds, 'ro', '####')
+    lines += [f"![robust overfitting, long runs]({plots['robust_overfitting_long']})", '']
+    return lines

@@ -26,6 +26,7 @@ PATTERNS = [
     ('a work session', r'\bsessions?\b'),
     ('a borrowed machine', r'\bloan(s|ed)?\b|\bborrow(s|ed|ing)?\b|\blent to\b'),
     ('an issue number given as a reason', r'\bissues? ?#?\d+'),
+    ('an issue as the reason', r"\b(the|this|that) issue's\b|\bdone-line\b|\bperformance issue\b"),
     ('the next worker resuming', r'\bnext one (resumes|picks up|continues)\b'),
 ]
 _COMPILED = [(what, re.compile(pattern, re.IGNORECASE)) for what, pattern in PATTERNS]
@@ -78,6 +79,8 @@ PLANTED = [
     'on a borrowed GPU',
     'The elastic-regime decision (issue 11; about 4 hours)',
     'made for Issue #14',
+    "every 3x3 conv an EDL layer (the issue's candidate)",
+    'What the done-line runs',
     'at commit 93845e8 and the next one resumes from there',
 ]
 
