@@ -45,7 +45,7 @@ def test_the_package_ships_every_zoo_model():
 
 
 def test_list_pretrained_in_a_fresh_offline_interpreter():
-    """What the issue's done-line runs, with the network off."""
+    """What a user runs first (list the pretrained tags, load each one), with the network off."""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
     code = ("import timm, timm_edl; print(timm.list_pretrained('edlnet*'))\n"
             "for n in timm.list_pretrained('edlnet*'): timm.create_model(n, pretrained=True)\nprint('ok')")
