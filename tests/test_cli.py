@@ -69,7 +69,7 @@ def _parsers():
     from timm_edl.cli.convert import _parser as convert_parser
     from timm_edl.cli.eval import build_parser as eval_parser
     from timm_edl.cli.export import _parser as export_parser
-    from timm_edl.train import _parser as train_parser
+    from timm_edl.cli.train import _parser as train_parser
     return {'eval': eval_parser(), 'export': export_parser(), 'convert': convert_parser(), 'train': train_parser()}
 
 

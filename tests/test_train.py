@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 
 import timm
 import timm_edl  # noqa: F401  (registers edlnet_*)
+from timm_edl.cli.train import main
 from timm_edl.layers.edl import edl_layers, set_beta_mode
-from timm_edl.train import ConfigError, TrainConfig, load_config, main, train
+from timm_edl.train import ConfigError, TrainConfig, load_config, train
 from timm_edl.train.config import config_keys
 from timm_edl.train.objectives import craft, crafting_mode, training_loss
 from timm_edl.train.trainer import param_groups

@@ -1,8 +1,8 @@
 """The ``timm-edl`` command: one entry point, one sub-command per job.
 
-Each sub-command is a module exposing ``main(argv) -> int``: ``eval``, ``export``, ``push``
-and ``convert`` live in this package, ``train`` and ``demo`` in their own packages.  All of
-them share one grammar (:mod:`.args`: ``KEY=VALUE`` options and the model option group) and
+Each sub-command is a module exposing ``main(argv) -> int``: ``train``, ``eval``, ``export``,
+``push`` and ``convert`` live in this package (their libraries below it), ``demo`` beside
+it.  All of them share one grammar (:mod:`.args`: ``KEY=VALUE`` options and the model option group) and
 one exit-status rule (:mod:`.errors`: 0 done, 1 a failure while running, 2 a usage error).
 Modules are imported only when their sub-command runs, so ``timm-edl --help`` stays fast.
 """
@@ -11,7 +11,7 @@ import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "train": ("timm_edl.train", "adversarial training / fine-tuning (accelerate)"),
+    "train": ("timm_edl.cli.train", "adversarial training / fine-tuning (accelerate)"),
     "eval": ("timm_edl.cli.eval", "RobustBench-style evaluation (clean, PGD, AutoAttack)"),
     "export": ("timm_edl.cli.export", "write a Hub-ready folder (safetensors, config.json, card)"),
     "push": ("timm_edl.cli.push", "upload an exported folder to the Hugging Face Hub"),
