@@ -41,8 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                     'Multi-GPU: accelerate launch -m timm_edl.train --config ...',
         epilog='The model options set the recipe keys model, model_kwargs (the whole mapping), checkpoint and '
                'allow_pickle; --model is a timm name, local-dir:FOLDER or hf-hub:ORG/REPO and --arch is refused '
-               '(initial weights come from --checkpoint). Every config key can be overridden: --key value (e.g. --epochs 2 --eps 8/255 '
-               '--model-kwargs.edl_layers none, which adds one key to model_kwargs). Keys: ' + ', '.join(config_keys()),
+               '(initial weights come from --checkpoint). Every config key can be overridden: --key value (e.g. '
+               '--epochs 2 --eps 8/255 --model-kwargs.edl_layers none, which adds one key to model_kwargs). '
+               'Keys: ' + ', '.join(config_keys()),
     )
     parser.add_argument('-c', '--config', help='recipe YAML (see recipes/); optional with --resume')
     parser.add_argument('--resume', nargs='?', const=True, default=None, metavar='CHECKPOINT',
@@ -54,16 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_RECIPE_KEYS = {'spec': 'model', 'model_kwargs': 'model_kwargs', 'checkpoint': 'checkpoint',
-                'allow_pickle': 'allow_pickle'}
-
-
 def model_values(args: argparse.Namespace) -> Dict[str, Any]:
     """The model options given on the command line as recipe values (``--model`` -> ``model``, ...)."""
     if args.arch is not None:
         raise UsageError(f"--arch {args.arch}: train has no --arch; name the architecture with --model "
                          f"(e.g. --model edlnet_resnet18) and its initial weights with --checkpoint FILE")
-    return {_RECIPE_KEYS[key]: value for key, value in model_options(args).items()}
+    return {('model' if key == 'spec' else key): value for key, value in model_options(args).items()}
 
 
 def resolve_config(config: Optional[str], overrides: List[str], resume=None,
