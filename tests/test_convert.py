@@ -282,9 +282,9 @@ def test_convert_cli(tmp_path, monkeypatch, capsys):
     assert config['timm_edl']['model_name'] == 'resnet18_stem'
     assert torch.equal(hub.load(str(tmp_path / 'b')).layer1[0].conv1.weight, source.layer1[0].conv1.weight)
 
-    assert convert_main(['--model', 'resnet18', '--out', str(tmp_path / 'b')]) == 1  # not empty
+    assert convert_main(['--model', 'resnet18', '--out', str(tmp_path / 'b')]) == 2  # not empty: a usage error
     assert 'not empty' in capsys.readouterr().err
-    assert convert_main(['--model', 'resnet18', '--policy', 're:^nothing$', '--out', str(tmp_path / 'c')]) == 1
+    assert convert_main(['--model', 'resnet18', '--policy', 're:^nothing$', '--out', str(tmp_path / 'c')]) == 2
     assert 'selects no convertible' in capsys.readouterr().err
 
 

@@ -599,7 +599,7 @@ def test_export_cli(exported, tmp_path, capsys):
     assert export_main(args) == 0
     assert (tmp_path / 'cards' / 'edlnet_resnet18.cli.md').is_file()
     assert torch.equal(logits(hub.load(str(tmp_path / 'out')), exported['x']), exported['y'])
-    assert export_main(args) == 1  # the folder is not empty now
+    assert export_main(args) == 2  # the folder is not empty now: a usage error
     assert 'not empty' in capsys.readouterr().err
     # re-export an export (e.g. to attach new results) from local-dir:
     assert export_main(['--model', f"local-dir:{tmp_path / 'out'}", '--out', str(tmp_path / 'again')]) == 0
@@ -609,7 +609,7 @@ def test_export_cli(exported, tmp_path, capsys):
     pth = tmp_path / 'w.pth'
     torch.save(exported['model'].state_dict(), pth)
     assert export_main(['--model', 'edlnet_resnet18', '--model-kwargs', 'widths=[8,16,32,64]',
-                            'stem_width=8', '--checkpoint', str(pth), '--out', str(tmp_path / 'y')]) == 1
+                            'stem_width=8', '--checkpoint', str(pth), '--out', str(tmp_path / 'y')]) == 2
     assert 'allow_pickle' in capsys.readouterr().err
 
 

@@ -23,9 +23,9 @@ from conftest import publish_to_cache, require_cifar10_jpeg, require_fashion_mni
 from timm_edl import weights
 from timm_edl.cli.eval import main as eval_main
 from timm_edl.cli.export import main as export_main
+from timm_edl.cli.train import main as train_main
 from timm_edl.data import load_tensors
 from timm_edl.models import edlnet
-from timm_edl.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 # The zoo: model name -> dataset (experiments/zoo.py makes them; the test says which must ship).

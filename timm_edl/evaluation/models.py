@@ -41,6 +41,7 @@ def load_model(
         *,
         model_kwargs: Optional[Dict[str, Any]] = None,
         arch: Optional[str] = None,
+        checkpoint: Optional[str] = None,
         num_classes: Optional[int] = None,
         in_chans: Optional[int] = None,
         allow_pickle: bool = False,
@@ -50,8 +51,8 @@ def load_model(
     from ..hub import ModelSpecError as HubModelSpecError
     from ..hub import resolve_model
     try:
-        model, source = resolve_model(spec, model_kwargs=model_kwargs, arch=arch, num_classes=num_classes,
-                                      in_chans=in_chans, allow_pickle=allow_pickle)
+        model, source = resolve_model(spec, model_kwargs=model_kwargs, arch=arch, checkpoint=checkpoint,
+                                      num_classes=num_classes, in_chans=in_chans, allow_pickle=allow_pickle)
     except HubModelSpecError as e:
         raise ModelSpecError(str(e)) from e
     return model.eval(), source
