@@ -162,7 +162,7 @@ def _clean_model_args(model: nn.Module) -> Dict[str, Any]:
 
 def _config_for(model: nn.Module, model_args: Dict[str, Any], pretrained_cfg_update: Dict[str, Any],
                 label_names: Optional[Sequence[str]], data_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """timm's own config.json for ``model`` (timm.models._hub.save_config_for_hf), as a dict.
+    """timm's own config.json for ``model`` (``save_config_for_hf``), as a dict.
 
     timm only writes it to a file; the export needs it before anything is written (to rebuild
     the network from it and compare), so timm writes it into a temporary folder first."""
