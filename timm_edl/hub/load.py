@@ -64,7 +64,7 @@ def require_registered(arch: Optional[str], where: str) -> None:
     if not timm.is_model(arch):
         raise ArchitectureNotRegisteredError(
             f"{where}: config.json names architecture {arch!r}, which timm does not know. timm-edl "
-            f"architectures (edlnet_*) exist only after `import timm_edl` (timm has no plugin discovery): "
+            f"architectures (edlnet_*, edl_converted) exist only after `import timm_edl` (timm has no plugin discovery): "
             f"import it before timm.create_model. timm-edl {version()} (with timm {timm.__version__}) is "
             f"loaded and does not define it either: a newer timm-edl or timm may be needed.")
 
@@ -162,8 +162,9 @@ def load(
         strict: the weights must match the model exactly.
         cache_dir: Hub cache folder (default: huggingface_hub's).
         verify_sha256: check the weights against the sha256 recorded by :func:`export`.
-        **kwargs: ``timm.create_model`` arguments, e.g. ``num_classes`` (a new head, reset
-            after loading), ``features_only=True``, ``drop_path_rate``.
+        **kwargs: ``timm.create_model`` arguments, e.g. ``num_classes`` (another number of
+            classes: the classifier stays as built, as in timm), ``features_only=True``,
+            ``drop_path_rate``.
 
     Errors: :class:`ArchitectureNotRegisteredError`, :class:`CorruptCheckpointError`,
     :class:`UnsafeCheckpointError`, :class:`StateDictMismatchError`,
