@@ -330,7 +330,7 @@ def hf_download(repo: str, filename: str, cache_dir: Union[None, str, Path] = No
 
 
 def check_pretrained_source(variant: str, kwargs: Dict[str, Any], allow_pickle: bool = False) -> Dict[str, Any]:
-    """Hook for EDLNet creation with ``pretrained=True``: refuse pickles, check safetensors.
+    """Hook for EDLNet and ``edl_converted`` creation with ``pretrained=True``: refuse pickles, check safetensors.
 
     Asks timm where its ``load_pretrained`` will read the weights and, unless ``allow_pickle``:
 
