@@ -26,6 +26,7 @@ from .runners import (
 )
 from .. import results as result_schema
 from ..threat import canonical_threat_model, default_eps, format_eps, parse_eps, parse_eps_list
+from ..weights import state_dict_digest
 from .errors import EvaluationError
 
 __all__ = ['EvalConfig', 'evaluate', 'ATTACKS', 'SCHEMA', 'state_key']
@@ -88,15 +89,6 @@ def _canonical_attacks(attacks: Union[str, Sequence[str]]) -> List[str]:
         if _ATTACK_ALIASES[key] not in out:
             out.append(_ATTACK_ALIASES[key])
     return [a for a in out if a != 'clean']
-
-
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f'{t.dtype}|{tuple(t.shape)}|'.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def state_key(**parts: Any) -> str:
@@ -308,7 +300,8 @@ def _evaluate(
         version = 'custom' if aa_attacks else config.version
         state_path = None
         if config.state_dir is not None:
-            key = state_key(weights=describe_weights(model), data=_tensor_digest(x, y), threat_model=threat_model,
+            key = state_key(weights=state_dict_digest(model), data=state_dict_digest({'x': x, 'y': y}),
+                            threat_model=threat_model,
                             eps=eps, version=version, attacks=aa_attacks, seed=config.seed, batch_size=bs)
             state_path = Path(config.state_dir) / f'autoattack-{key}.json'
         t0, c0 = time.time(), time.process_time()
@@ -470,11 +463,6 @@ def _evaluate(
         label=label, data_info=data_info, split=split, n=n, results=results, checks=checks,
         sweep_points=sweep_points, timings=timings, cpu_timings=cpu_timings, description=description, info=info or {},
         device=device, per_point=per_point, surrogate_name=surrogate_name, n_total=n_total)
-
-
-def describe_weights(model: nn.Module) -> str:
-    from .models import weights_digest
-    return weights_digest(model)
 
 
 def _fmt_pct(v: Optional[float]) -> Optional[str]:
