@@ -107,7 +107,9 @@ def main(argv=None) -> int:
               'commit': commit, 'timm_edl_modified': bool(dirty), 'machine': f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                                           f"{args.threads} threads", **summary}
     CACHE.mkdir(parents=True, exist_ok=True)
-    out = CACHE / f'timm-{version}.json'
+    # a narrower -k gets its own record beside the full one
+    suffix = '' if args.select == 'edlnet' else '-' + re.sub(r'[^A-Za-z0-9_.]+', '_', args.select)
+    out = CACHE / f'timm-{version}{suffix}.json'
     out.write_text(json.dumps(record, indent=2) + '\n')
     print(f"timm {version} tests/test_models.py -k {args.select}: {summary['outcomes']} in {wall:.0f} s -> {out}")
     return 0 if done.returncode == 0 else 1

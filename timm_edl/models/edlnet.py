@@ -507,6 +507,26 @@ def edlnet_wrn34_10(pretrained: bool = False, **kwargs) -> EDLResNet:
     return _create_edlnet('edlnet_wrn34_10', pretrained, **dict(_wide_resnet(34, 10), **kwargs))
 
 
+def _resnet20(**kwargs) -> Dict[str, Any]:
+    """He et al.'s CIFAR ResNet-20 (6n + 2, n = 3): 3x3 stride-1 stem, 3 stages x 3 basic blocks, 16/32/64."""
+    return dict(block='basic', layers=(3, 3, 3), channels=(16, 32, 64), stem_width=16, stem_type='cifar', **kwargs)
+
+
+@register_model
+def edlnet_resnet20(pretrained: bool = False, **kwargs) -> EDLResNet:
+    """EDL ResNet-20 (He et al.'s CIFAR ResNet-20, 0.27M parameters) with EDL layers in the
+    residual blocks only: 18 EDL layers on 32x32 / 16x16 / 8x8 maps, a plain stem conv (an EDL
+    layer on raw pixels is what docs/training.md advises against)."""
+    return _create_edlnet('edlnet_resnet20', pretrained, **dict(_resnet20(edl_layers='blocks'), **kwargs))
+
+
+@register_model
+def edlnet_resnet20_conv(pretrained: bool = False, **kwargs) -> EDLResNet:
+    """The conv twin of :func:`edlnet_resnet20`: the same network with every EDL layer a plain
+    convolution (``edl_layers='none'``), the baseline its pretrained weights are compared with."""
+    return _create_edlnet('edlnet_resnet20_conv', pretrained, **dict(_resnet20(edl_layers='none'), **kwargs))
+
+
 @register_model
 def edlnet_resnet18_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     """EDL ResNet-18 with the ImageNet stem (7x7 stride 2 + max-pool), for Tiny-ImageNet / ImageNet."""
