@@ -20,9 +20,9 @@ from .config import (
     ConfigError, TrainConfig, apply_overrides, build_config, config_keys, load_config, parse_overrides,
     read_recipe,
 )
-from .trainer import RunDirError, TrainResult, latest_checkpoint, train
+from .trainer import RunDirError, TrainResult, latest_checkpoint, open_run, train
 
-__all__ = ['main', 'train', 'TrainConfig', 'TrainResult', 'ConfigError', 'RunDirError', 'load_config',
+__all__ = ['main', 'train', 'open_run', 'TrainConfig', 'TrainResult', 'ConfigError', 'RunDirError', 'load_config',
            'resolve_config', 'latest_checkpoint']
 
 
@@ -87,4 +87,4 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"timm-edl train: error: {error}", file=sys.stderr)
             return 2
         raise
-    return 0 if result.completed else 3
+    return 3 if result.stop_reason == 'stop_after_steps' else 0  # a time-budget stop is a clean stop
