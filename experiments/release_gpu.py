@@ -4,51 +4,39 @@
 
     bash experiments/release_gpu.sh --budget-min 8 --pack OUT    # bootstrap on a machine without a registry
     python experiments/release_gpu.py --device cuda --budget-min 8
-    python experiments/release_gpu.py --device cpu --toy        # the same code path at toy size (CI, < 2 min)
+    python experiments/release_gpu.py --device cpu --toy        # the same code path at toy size (CI)
 
 A plan -> train -> evaluate -> export driver over :mod:`timm_edl.train`, :mod:`timm_edl.evaluation`
-and :mod:`timm_edl.hub`. Within ``--budget-min`` minutes of wall time (counted once the data is
-decoded):
+and :mod:`timm_edl.hub`; the budget is counted once the data is decoded.
 
 1. **recipe**: ``recipes/edlnet_resnet18_cifar10_fast.yaml`` (fast adversarial training, FGSM-RS,
-   Wong, Rice and Kolter 2020) with the overrides of :func:`train_args`: CIFAR-10-JPEG
-   (``--dataset``), the training set on the device (``data_on_device``: uint8 images, crops with
-   4-pixel zero padding and flips drawn there), ``channels_last``, bf16 autocast (``--amp``),
-   ``compile`` with ``--compile``, batch ``--batch-size``, SGD with a one-cycle learning rate
-   (linear 0 -> ``--lr-max`` over the first 2/5 of the epochs, then linear -> 0: timm's ``poly``
-   schedule, power 1, with a warmup prefix), the two-stage beta schedule (vanilla DL for the first
-   3/4 of the epochs, then elastic), PGD-10 validation on ``--val-n`` held-out training images
-   after every epoch, whose best epoch is kept (``best/``; a guard against catastrophic
-   overfitting, Wong et al. 2020, sec. 5). ``release.json`` records the ``timm-edl train``
-   command that trains each model the same way;
-2. **plan**: times a few optimizer steps of each model through the trainer itself
-   (:func:`timm_edl.train.open_run` and :func:`~timm_edl.train.loop.train_step`) and one float32
-   input-gradient pass, then picks the number of epochs E so that training both for E epochs and
-   evaluating both fits the budget, training getting at least ``--min-train-share`` of it (the
-   AutoAttack estimate assumes 85 % clean and 50 % robust accuracy and the attacks' pass counts in
-   ``AA_PASSES``);
-3. **training**: ``timm_edl.train.train`` for the EDLNet, then its conv twin, each with a
-   ``time_budget_min`` that leaves the later parts their estimated time (a model that runs out
-   stops at an optimizer step; ``release.json`` says so);
-4. **evaluation** of each model's best epoch with :func:`timm_edl.evaluation.evaluate`, in float32:
-   clean + PGD-20 on the whole test set with the gradient-masking checks, then AutoAttack standard
-   (+ PGD-20, for the ordering check) on the first ``--aa-n`` test points (fewer if the time left
-   cannot hold them; ``release.json`` then says how many);
-5. **export**: Hub-ready folders (:func:`timm_edl.hub.export`) and ``release.json`` (plan,
-   per-epoch history, numbers, images/s of training and of each attack, device, versions), written
-   once after the PGD-20 evaluation and again after AutoAttack, so that a run stopped during
-   AutoAttack still leaves weights and numbers; ``--pack DIR`` also splits them into parts of at
-   most 15 MiB (:func:`pack`).
+   Wong, Rice and Kolter 2020) with the overrides of :func:`train_args`: the dataset, the training
+   set on the device (``data_on_device``), ``channels_last``, bf16 autocast (``--amp``), ``compile``
+   (``--compile``), batch ``--batch-size``, a one-cycle learning rate (0 -> ``--lr-max`` over the
+   first 2/5 of the epochs, then -> 0: timm's ``poly`` schedule with a warmup prefix), the two-stage
+   beta schedule (vanilla DL for 3/4 of the epochs, then elastic) and PGD-10 validation on
+   ``--val-n`` held-out training images after every epoch, whose best epoch is kept (a guard
+   against catastrophic overfitting, Wong et al. 2020, sec. 5). ``release.json`` records the
+   ``timm-edl train`` command that trains each model the same way;
+2. **plan**: times a few optimizer steps of each model through the trainer
+   (:func:`timm_edl.train.open_run`, :func:`timm_edl.train.loop.train_step`) and a float32
+   input-gradient pass, and picks the number of epochs that lets both models train and be
+   evaluated within the budget, training getting at least ``--min-train-share`` of it;
+3. **training**: :func:`timm_edl.train.train` for the EDLNet, then its twin, each with a
+   ``time_budget_min`` that leaves the later parts their estimated time;
+4. **evaluation** of each best epoch with :func:`timm_edl.evaluation.evaluate` in float32: clean
+   + PGD-20 on the test set with the gradient-masking checks, then AutoAttack (+ PGD-20) on the
+   first ``--aa-n`` points (fewer if the time left cannot hold them; ``release.json`` says so);
+5. **export**: Hub-ready folders (:func:`timm_edl.hub.export`) and ``release.json`` (plan, history,
+   numbers, images/s, device, versions), written after the PGD-20 evaluation and again after
+   AutoAttack; ``--pack DIR`` also splits them into parts of at most 15 MiB (:func:`pack`).
 
-FGSM-RS costs about 5 forward-equivalents per step where PGD-10 AT costs about 23, so it gets
-about 4.6x the epochs in the same time; Wong et al. report 45 % PGD accuracy at eps 8/255 for a
-CIFAR-10 PreAct ResNet-18 after 6 minutes of training (AutoAttack: about 43 %, RobustBench entry
-Wong2020Fast). Batch 512 and ``--lr-max 0.4`` are our choice for a large GPU (Wong et al.: batch
-128, peak 0.2); they were not tuned here.
-
-Everything also runs on the CPU (``--device cpu``); ``--toy`` shrinks every size (widths 8-64, 256
-training images, 64 test points, 16 AutoAttack points with APGD-CE only, at most 2 epochs, a
-5-minute budget). bf16 autocast is on for the CPU too unless ``--amp none``.
+FGSM-RS costs about 5 forward-equivalents per step, PGD-10 AT about 23: 4.6x the epochs in the same
+time. Wong et al. report 45 % PGD accuracy at eps 8/255 for a CIFAR-10 PreAct ResNet-18 after 6
+minutes of training (AutoAttack: about 43 %, RobustBench entry Wong2020Fast). Batch 512 and
+``--lr-max 0.4`` are our choice for a large GPU (Wong et al.: 128 and 0.2), not tuned here.
+``--toy`` shrinks every size (widths 8-64, 256 training images, 64 test points, 16 AutoAttack
+points with APGD-CE only, at most 2 epochs, a 5-minute budget).
 """
 from __future__ import annotations
 
@@ -58,6 +46,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -207,7 +196,7 @@ def train_args(args, edl_layers: str, epochs: int, output: Path, budget_min: Opt
         'batch_size': args.batch_size, 'lr': args.lr_max, 'sched': 'poly', 'decay_rate': 1.0, 'min_lr': 0.0,
         'warmup_epochs': warmup, 'warmup_lr': 0.0, 'warmup_prefix': True, 'sched_on_updates': True,
         'eps': args.eps, 'fast_alpha': args.alpha, 'craft_bn': args.craft_bn,
-        'mixed_precision': 'bf16' if args.amp == 'bf16' else 'no', 'data_on_device': True,
+        'mixed_precision': 'bf16' if args.amp == 'bf16' else "'no'", 'data_on_device': True,
         'channels_last': not args.no_channels_last, 'compile': args.compile, 'num_workers': 0,
         'save_every_steps': 0, 'keep_checkpoints': 1, 'progress': 'never', 'seed': args.seed,
         'output': str(output), 'time_budget_min': budget_min,
@@ -318,7 +307,7 @@ def train_model(args, name: str, edl_layers: str, epochs: int, output: Path, bud
             'train_images_per_s': round(images / seconds, 1) if seconds else None,
             'steps_per_epoch': steps_per_epoch, 'batch_size': args.batch_size, 'history': history,
             'weights': str(output / ('best' if result.best_epoch is not None else 'final')),
-            'train_command': ' '.join(['timm-edl train --config', RECIPE] + argv)}
+            'train_command': shlex.join(['timm-edl', 'train', '--config', RECIPE] + argv)}
 
 
 # --------------------------------------------------------------------------- evaluation and export

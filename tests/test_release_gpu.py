@@ -42,6 +42,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.dtypes = {}
+        self.largest = {}  # dtype -> most elements of one output
         self.syncs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -52,6 +53,7 @@ class _Recorder(TorchDispatchMode):
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 self.dtypes.setdefault(t.dtype, set()).add(name)
+                self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
         return out
 
 
@@ -91,8 +93,7 @@ def test_trainer_step_under_bf16_autocast_keeps_dtypes_and_does_not_synchronise(
         sums = run.state.sums.clone()
         with _Recorder() as rec:
             train_step(run, 0, x, y)
-        assert set(rec.dtypes.get(torch.float64, ())) <= {'aten.add', 'aten.mul', 'aten.stack', 'aten._to_copy',
-                                                           'aten.zeros', 'aten.lift_fresh', 'aten.sum'}
+        assert rec.largest.get(torch.float64, 0) <= len(run.state.sums)  # float64: the metric sums only
         assert torch.bfloat16 in rec.dtypes
         assert run.state.sums[0] == sums[0] + len(y) and torch.isfinite(run.state.sums).all()
         for name, p in run.raw.named_parameters():
@@ -127,6 +128,23 @@ def test_device_batches_crop_and_flip_match_a_direct_computation():
         assert torch.equal(x[k], crop.float() / 255)
     plain = DeviceBatches(images, torch.arange(6), torch.arange(6), 3, 0, torch.device('cpu'))
     assert torch.equal(plain.crop_and_flip(rows), images[rows].float() / 255)
+
+
+def test_release_driver_trains_what_timm_edl_train_trains(tmp_path):
+    """The release's training is `timm-edl train --config <recipe> <overrides>`: the driver and the
+    command line, same recipe and seed, end with bit-identical weights."""
+    from safetensors.torch import load_file
+    from timm_edl.train import main
+    args = R.parse_args(['--device', 'cpu', '--toy', '--dataset', 'fashion-mnist-small', '--train-n', '64',
+                         '--val-n', '8', '--amp', 'none', '--out', str(tmp_path / 'release')])
+    driven = R.train_model(args, 'edlnet', 'default', 2, tmp_path / 'driver', None, steps_per_epoch=2)
+    assert driven['epochs_done'] == 2 and [r['stage'] for r in driven['history']] == ['vanilla', 'elastic']
+    assert driven['train_command'].startswith(f'timm-edl train --config {R.RECIPE} ')
+    assert main(['--config', R.RECIPE] + R.train_args(args, 'default', 2, tmp_path / 'cli')) == 0
+    for export in ('final', 'best'):
+        a = load_file(str(tmp_path / 'driver' / export / 'model.safetensors'))
+        b = load_file(str(tmp_path / 'cli' / export / 'model.safetensors'))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), export
 
 
 def test_environment_check(capsys):
