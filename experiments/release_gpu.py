@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='training gets at least this share of the time left after the plan; the AutoAttack '
                         'points are cut instead when the evaluation estimate would take more')
     p.add_argument('--max-epochs', type=int, default=None, help='cap on the planned epochs (default 40; toy 2)')
-    p.add_argument('--epochs', type=int, default=None, help='fix the number of epochs instead of planning it')
+    p.add_argument('--epochs', type=int, default=None,
+                   help='fix the number of epochs instead of planning it (their training then has no time budget)')
     p.add_argument('--train-n', type=int, default=None, help='train on the first n training images (all; toy 256)')
     p.add_argument('--val-n', type=int, default=None, help='held-out training images for validation (1000; toy 32)')
     p.add_argument('--test-n', type=int, default=None, help='test points for clean + PGD-20 (all; toy 64)')
@@ -295,7 +296,8 @@ def train_model(args, name: str, edl_layers: str, epochs: int, output: Path, bud
     from timm_edl.train import load_config, train
     argv = train_args(args, edl_layers, epochs, output, budget_min)
     result = train(load_config(RECIPE, argv))
-    with open(output / 'summary.csv', newline='') as f:
+    summary = output / 'summary.csv'  # absent when the budget ended the run within its first epoch
+    with open(summary, newline='') if summary.is_file() else open(os.devnull) as f:
         history = [{'epoch': int(r['epoch']) + 1, 'stage': r['train_stage'],
                     **{k: float(v) for k, v in r.items() if v and k not in ('epoch', 'train_stage')}}
                    for r in csv.DictReader(f)]
@@ -456,7 +458,7 @@ def main(argv=None) -> int:
     results: Dict[str, Dict[str, Any]] = {}
     for name, layers in MODELS:  # each model's budget leaves the later parts their estimate
         after = later + (epoch_s['conv_twin'] * epochs if name == 'edlnet' else 0.0)
-        budget_min = max(end - after - time.perf_counter(), 1.0) / 60.0
+        budget_min = None if args.epochs else max(end - after - time.perf_counter(), 1.0) / 60.0
         results[name] = train_model(args, name, layers, epochs, out / 'train' / name, budget_min,
                                     the_plan['steps_per_epoch'])
         log(f"[{name}] trained {results[name]['epochs_done']} epochs in {results[name]['train_seconds']:.1f}s"
