@@ -71,9 +71,9 @@ timm-model-tests: $(BIN)/.installed
 	$(BIN)/python experiments/timm_model_tests.py
 
 # One CUDA GPU, a time budget: fast AT of edlnet_resnet18 + conv twin, evaluation, Hub-ready exports and
-# runs/release-<date>-<time>/release.json (experiments/release_gpu.py). release-gpu-prepare (here, with
-# network) puts the pyautoattack wheel in .whl/ and the CIFAR-10-JPEG archives in .data/; the device
-# machine runs `bash experiments/release_gpu.sh --budget-min 8 --pack $OUT` with carry [".whl", ".data"].
+# runs/release-<date>-<time>/release.json (experiments/release_gpu.py). release-gpu-prepare (with
+# network) puts the pyautoattack wheel in .whl/ and the CIFAR-10-JPEG archives in .data/; the GPU
+# machine, given the checkout with both, runs `bash experiments/release_gpu.sh --budget-min 8 --pack OUT`.
 # release-gpu-rehearsal: the same bootstrap end to end on this CPU at toy size.
 RELEASE_ARGS ?= --device cuda --budget-min 8 $(if $(OUT),--pack $(OUT))
 release-gpu-prepare: $(BIN)/.installed

@@ -9,7 +9,7 @@ Measured here (on this machine's CPU, float32, ``--batch`` images):
 * FLOPs per image, counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and
   matmuls; element-wise ops count 0), of ``edlnet_resnet18`` (EDL, K = 2) and its conv twin
   (``edl_layers='none'``), for the two units of the release run (experiments/release_gpu.py):
-  one fast-AT training step (``release_gpu.fgsm_rs_step``: FGSM-RS crafting + training
+  one fast-AT training step (the trainer's ``objective: fast``: FGSM-RS crafting + training
   forward/backward + SGD, the EDL layers' step-size refresh included) and one attack pass
   (forward + input-only backward in eval mode, parameters frozen: what PGD and AutoAttack
   repeat);
@@ -81,14 +81,20 @@ def _models(device):
 
 
 def _step_fn(model, x, y):
-    optimizer = R.make_optimizer(model, 0.01)
+    from timm_edl.train.model import param_groups
+    from timm_edl.train.objectives import craft, training_loss
+    optimizer = torch.optim.SGD(param_groups(model, 5e-4), lr=0.01, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    autocast = R.autocast_context(torch.device('cpu'), 'none')
 
     def step():
         gen.manual_seed(0)
-        return R.fgsm_rs_step(model, model, optimizer, x, y, eps=8 / 255, alpha=10 / 255, generator=gen,
-                              autocast=autocast)
+        x_adv = craft('fast', model, x, y, eps=8 / 255, norm='Linf', steps=1, step_size=None, fast_alpha=10 / 255,
+                      craft_bn='eval', generator=gen)
+        loss, _ = training_loss('fast', model.train(), x, x_adv, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
     return step
 
 

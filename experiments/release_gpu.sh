@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# Bootstrap of the release run (experiments/release_gpu.py) on a machine without a package
-# registry (the GPU device machine: Python 3.12, torch 2.11, timm, accelerate, huggingface_hub,
-# safetensors; no pyautoattack).
+# Bootstrap of the release run (experiments/release_gpu.py) on a GPU machine without a package
+# registry (Python 3.12, torch >= 2.11, timm, accelerate, huggingface_hub, safetensors; no
+# pyautoattack).
 #
-#   bash experiments/release_gpu.sh --prepare        # HERE, with network: wheels -> .whl/, data -> .data/
-#   bash experiments/release_gpu.sh [ARGS...]        # THERE: install, check versions, run release_gpu.py ARGS
+#   bash experiments/release_gpu.sh --prepare        # with network: wheels -> .whl/, data -> .data/
+#   bash experiments/release_gpu.sh [ARGS...]        # on the GPU machine: install, check versions, run ARGS
 #
-# --prepare downloads the wheels the device machine lacks (pyautoattack only; pip download
+# --prepare downloads the wheels the GPU machine lacks (pyautoattack only; pip download
 # --no-deps, Python 3.12) into .whl/ and copies the CIFAR-10-JPEG archives from
-# ../shared/data/cifar10-jpeg/ into .data/cifar10-jpeg/; both folders are git-ignored and
-# travel with the run's `carry`: [".whl", ".data"].  The pyautoattack wheel is 42 MB, almost all
+# ../shared/data/cifar10-jpeg/ into .data/cifar10-jpeg/; both folders are git-ignored and are
+# copied to the GPU machine with the checkout.  The pyautoattack wheel is 42 MB, almost all
 # of it a test checkpoint (pyautoattack/examples/model_test.pt) that the package never imports;
 # --prepare rewrites the wheel without pyautoattack/examples/ (and without those files' RECORD
-# lines) so that checkout + wheel + data stay under the 64 MiB a run may carry.
+# lines), which keeps checkout + wheel + data under 64 MiB.
 #
 # The run installs .whl/*.whl and the project itself with --no-index --no-deps into a target
 # folder put first on PYTHONPATH (nothing else is installed or upgraded), checks the versions
@@ -54,7 +54,7 @@ EOF
     cp "$SHARED"/train.tar.gz "$SHARED"/test.tar.gz "$SHARED"/SHA256SUMS "$DATA"/
     (cd "$DATA" && sha256sum -c --quiet SHA256SUMS)
     du -sh "$WHEELS" "$DATA"
-    echo 'prepared: run with carry [".whl", ".data"] and command: bash experiments/release_gpu.sh --budget-min 8 --pack $OUT (timeout_s 600)'
+    echo 'prepared: copy the checkout with .whl/ and .data/ to the GPU machine and run: bash experiments/release_gpu.sh --budget-min 8 --pack OUT'
     exit 0
 fi
 

@@ -32,18 +32,6 @@ def _release():
 R = _release()
 
 
-def _toy_model(edl_layers='default'):
-    torch.manual_seed(0)
-    return timm.create_model('edlnet_resnet18', num_classes=10, widths=(8, 16, 32, 64), edl_layers=edl_layers,
-                             edl_cfg=dict(power_iters=5)).to(memory_format=torch.channels_last)
-
-
-def _batch(n=8):
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
-    return x, torch.randint(0, 10, (n,), generator=g)
-
-
 class _Recorder(TorchDispatchMode):
     """Every aten op's output dtypes, and the ops that read device values on the host
     (``item``/``float()``/``bool()`` go through ``_local_scalar_dense``; ``nonzero`` and
@@ -54,6 +42,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.dtypes = {}
+        self.largest = {}  # dtype -> most elements of one output
         self.syncs = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -64,6 +53,7 @@ class _Recorder(TorchDispatchMode):
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
                 self.dtypes.setdefault(t.dtype, set()).add(name)
+                self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
         return out
 
 
@@ -80,61 +70,81 @@ def test_edl_layer_under_bf16_autocast_on_cpu():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
 
 
+def _tiny_run_args(output, *extra):
+    """A release-shaped tiny recipe: FGSM-RS, bf16 autocast, data on the device, channels_last."""
+    return ['--dataset', 'fashion-mnist-small', '--model-kwargs', '{widths: [8, 16, 32, 64]}', '--epochs', '1',
+            '--batch-size', '8', '--train-n-ex', '32', '--val-n-ex', '0', '--objective', 'fast', '--eps', '8/255',
+            '--mixed-precision', 'bf16', '--data-on-device', 'true', '--channels-last', 'true', '--progress',
+            'never', '--output', str(output), *extra]
+
+
 @pytest.mark.parametrize('edl_layers', ['default', 'none'])
-def test_train_step_under_bf16_autocast_keeps_dtypes_and_does_not_synchronise(edl_layers):
-    model = _toy_model(edl_layers).train()
-    optimizer = R.make_optimizer(model, 0.05)
-    autocast = R.autocast_context(torch.device('cpu'), 'bf16')
-    x, y = _batch()
-    gen = torch.Generator().manual_seed(1)
-    kwargs = dict(eps=8 / 255, alpha=10 / 255, generator=gen, autocast=autocast)
-    R.fgsm_rs_step(model, model, optimizer, x, y, **kwargs)  # first step: every EDL layer computes L cold
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with _Recorder() as rec:
-        loss, hits = R.fgsm_rs_step(model, model, optimizer, x, y, **kwargs)
-    # dtypes: bf16 compute, float32 parameters, gradients and loss; nothing in float64
-    assert torch.float64 not in rec.dtypes, sorted(rec.dtypes.get(torch.float64, ()))
-    assert torch.bfloat16 in rec.dtypes
-    assert loss.dtype == torch.float32 and torch.isfinite(loss) and 0 <= int(hits) <= len(y)
-    for name, p in model.named_parameters():
-        assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
-        if p.requires_grad:
-            assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
-    # host synchronisation: none, except the EDL layers' CPU-only reads (free on the CPU; on an accelerator
-    # they read nothing: tests/test_layer.py::test_accelerator_path_never_reads_a_value_back_to_the_host)
-    outside = [stack for name, stack in rec.syncs if 'timm_edl/layers/' not in stack]
+def test_trainer_step_under_bf16_autocast_keeps_dtypes_and_does_not_synchronise(tmp_path, edl_layers):
+    """The trainer's step as the release runs it: bf16 compute, float32 parameters, gradients and
+    metric sums, nothing in float64 but the sums; and no value read back to the host outside the
+    EDL layers' CPU-only reads and the attack's input check (finite, in [0, 1])."""
+    from timm_edl.train import load_config, open_run
+    from timm_edl.train.loop import train_step
+    cfg = load_config(None, _tiny_run_args(tmp_path / 'run', '--model-kwargs.edl_layers', edl_layers))
+    with open_run(cfg) as run:
+        x, y, _ = next(run.train_loader.batches(0))
+        train_step(run, 0, x, y)  # first step: every EDL layer computes L cold
+        before = {k: v.clone() for k, v in run.raw.state_dict().items()}
+        sums = run.state.sums.clone()
+        with _Recorder() as rec:
+            train_step(run, 0, x, y)
+        assert rec.largest.get(torch.float64, 0) <= len(run.state.sums)  # float64: the metric sums only
+        assert torch.bfloat16 in rec.dtypes
+        assert run.state.sums[0] == sums[0] + len(y) and torch.isfinite(run.state.sums).all()
+        for name, p in run.raw.named_parameters():
+            assert p.dtype == torch.float32 and torch.isfinite(p).all(), name
+            if p.requires_grad and p.grad is not None:
+                assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+        assert any(not torch.equal(before[k], v) for k, v in run.raw.state_dict().items())  # it trained
+    # host synchronisation: none outside the EDL layers' CPU-only reads (on an accelerator they read
+    # nothing: tests/test_layer.py::test_accelerator_path_never_reads_a_value_back_to_the_host) and
+    # the attack's input check
+    outside = [stack for name, stack in rec.syncs
+               if 'timm_edl/layers/' not in stack and '_check_images_and_labels' not in stack]
     assert not outside, outside[0]
-    if edl_layers == 'none':
-        assert not rec.syncs
 
 
-def test_device_data_crops_and_flips_match_a_direct_computation():
+def test_device_batches_crop_and_flip_match_a_direct_computation():
+    from timm_edl.train.data import DeviceBatches
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (6, 3, 8, 8), generator=g, dtype=torch.uint8)
-    data = R.DeviceData(images, torch.arange(6), torch.device('cpu'), pad=2, channels_last=True)
-    index = torch.tensor([4, 1, 5])
-    x, y = data.batch(index, torch.Generator().manual_seed(3))
-    assert x.dtype == torch.float32 and x.shape == (3, 3, 8, 8) and x.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(y, index)
+    data = DeviceBatches(images, torch.arange(6), torch.arange(6), 3, 0, torch.device('cpu'), pad=2, flip_p=0.5)
+    rows = torch.tensor([4, 1, 5])
+    x = data.crop_and_flip(rows, torch.Generator().manual_seed(3))
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 8, 8)
     # replay the draws: offsets in [0, 2 pad], then the flips
     rg = torch.Generator().manual_seed(3)
-    dy, dx = torch.randint(0, 5, (3,), generator=rg), torch.randint(0, 5, (3,), generator=rg)
+    dy, dx = torch.randint(0, 5, (3, 1), generator=rg), torch.randint(0, 5, (3, 1), generator=rg)
     flip = torch.rand(3, generator=rg) < 0.5
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
-    for k, i in enumerate(index.tolist()):
-        crop = padded[i, :, dy[k]:dy[k] + 8, dx[k]:dx[k] + 8]
+    for k, i in enumerate(rows.tolist()):
+        crop = padded[i, :, dy[k, 0]:dy[k, 0] + 8, dx[k, 0]:dx[k, 0] + 8]
         crop = crop.flip(-1) if flip[k] else crop
         assert torch.equal(x[k], crop.float() / 255)
-    plain, _ = data.batch(index, None, augment=False)
-    assert torch.equal(plain, images[index].float() / 255)
+    plain = DeviceBatches(images, torch.arange(6), torch.arange(6), 3, 0, torch.device('cpu'))
+    assert torch.equal(plain.crop_and_flip(rows), images[rows].float() / 255)
 
 
-def test_cyclic_lr_schedule():
-    assert R.cyclic_lr(0.0, 0.4) == 0.0
-    assert R.cyclic_lr(0.4, 0.4) == pytest.approx(0.4)
-    assert R.cyclic_lr(0.2, 0.4) == pytest.approx(0.2)
-    assert R.cyclic_lr(1.0, 0.4) == pytest.approx(0.0)
+def test_release_driver_trains_what_timm_edl_train_trains(tmp_path):
+    """The release's training is `timm-edl train --config <recipe> <overrides>`: the driver and the
+    command line, same recipe and seed, end with bit-identical weights."""
+    from safetensors.torch import load_file
+    from timm_edl.train import main
+    args = R.parse_args(['--device', 'cpu', '--toy', '--dataset', 'fashion-mnist-small', '--train-n', '64',
+                         '--val-n', '8', '--amp', 'none', '--out', str(tmp_path / 'release')])
+    driven = R.train_model(args, 'edlnet', 'default', 2, tmp_path / 'driver', None, steps_per_epoch=2)
+    assert driven['epochs_done'] == 2 and [r['stage'] for r in driven['history']] == ['vanilla', 'elastic']
+    assert driven['train_command'].startswith(f'timm-edl train --config {R.RECIPE} ')
+    assert main(['--config', R.RECIPE] + R.train_args(args, 'default', 2, tmp_path / 'cli')) == 0
+    for export in ('final', 'best'):
+        a = load_file(str(tmp_path / 'driver' / export / 'model.safetensors'))
+        b = load_file(str(tmp_path / 'cli' / export / 'model.safetensors'))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), export
 
 
 def test_environment_check(capsys):

@@ -91,6 +91,12 @@ def test_config_defaults_recipe_and_overrides(tmp_path):
     ('eps: 8/0\n', 'eps: expected a number'),
     ('model_kwargs: {num_classes: 5}\n', 'num_classes is set from the dataset'),
     ('- a list\n', 'must be a YAML mapping'),
+    ('compile_mode: default\n', 'compile_mode is set but compile is false'),
+    ('compile: true\ncompile_backend: fast\n', "compile_backend: 'fast' is not one of"),
+    ('compile: true\ncompile_mode: quick\n', "compile_mode: 'quick' is not one of"),
+    ('time_budget_min: 0\n', 'time_budget_min must be > 0'),
+    ('warmup_prefix: true\nwarmup_epochs: 5\nepochs: 5\n', 'warmup_epochs .5. must be fewer than epochs'),
+    ('data_on_device: true\nimage_size: 32\n', 'data_on_device serves the stored images'),
 ])
 def test_config_errors_are_clear(tmp_path, text, message):
     recipe = tmp_path / 'bad.yaml'
@@ -204,21 +210,6 @@ def test_run_writes_state_summary_and_hub_exports(reference_run):
     log = (out / 'log.txt').read_text().splitlines()
     assert [line.split(' [')[0] for line in log if line.startswith('epoch ') and '/2 [' in line] == \
         ['epoch 1/2', 'epoch 2/2']  # one line per epoch in non-TTY logs
-
-
-def test_export_without_the_hub_module_falls_back_to_timm(tmp_path, monkeypatch):
-    from timm_edl.train.trainer import export_model
-    model = tiny_model().eval()
-    with monkeypatch.context() as patch:
-        patch.setitem(sys.modules, 'timm_edl.hub', None)  # `from ..hub import export` fails
-        how = export_model(model, tmp_path / 'export',
-                           {'dataset': 'fashion-mnist-small', 'n_ex': 8, 'clean_acc': 0.5})
-    assert how == 'timm.models.save_for_hf'
-    assert {p.name for p in (tmp_path / 'export').iterdir()} == {'model.safetensors', 'config.json',
-                                                                  'eval_results.json'}
-    again = timm.create_model(f'local-dir:{tmp_path / "export"}', pretrained=True).eval()
-    x = torch.rand(2, 1, 28, 28)
-    assert torch.allclose(again(x), model(x))
 
 
 def test_two_stage_schedule_freezes_then_releases_beta(reference_run):
@@ -442,3 +433,137 @@ def test_two_cpu_processes_train_data_parallel(tmp_path):
     assert len(union) == 128
     rows = read_summary(out / 'summary.csv')
     assert len(rows) == 2 and 'global batch 32' in (out / 'log.txt').read_text()
+
+
+# --------------------------------------------------------------------------- speed keys, budget, best epoch
+
+
+def test_warmup_prefix_poly_is_the_one_cycle_triangle():
+    """sched poly, power 1, warmup_lr 0, warmup_prefix: lr rises linearly from 0 to lr over the
+    warmup updates and falls linearly to 0 over the rest of the run."""
+    from timm_edl.train.trainer import _scheduler
+    cfg = load_config(None, ['--epochs', '5', '--lr', '0.4', '--sched', 'poly', '--decay-rate', '1',
+                             '--warmup-epochs', '2', '--warmup-lr', '0', '--warmup-prefix', 'true',
+                             '--sched-on-updates', 'true', '--min-lr', '0'])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    scheduler = _scheduler(cfg, optimizer, updates_per_epoch=10)
+    for update in range(51):
+        scheduler.step_update(update)
+        expected = 0.4 * update / 20 if update < 20 else 0.4 * (1 - (update - 20) / 30)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(expected, abs=1e-12), update
+
+
+def _device_batches(seed=0, n=40, batch=8):
+    from timm_edl.train.data import DeviceBatches
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return DeviceBatches(images, torch.arange(n) % 10, torch.arange(100, 100 + n), batch, seed,
+                         torch.device('cpu'), pad=4, flip_p=0.5)
+
+
+def test_device_batches_are_seeded_reproducible_and_resumable():
+    from timm_edl.train.data import EpochShuffleSampler
+    data = _device_batches()
+    first = list(data.batches(0))
+    assert len(first) == len(data) == 5
+    again = list(_device_batches().batches(0))
+    assert all(torch.equal(a, b) for fa, fb in zip(first, again) for a, b in zip(fa, fb))
+    resumed = list(data.batches(0, skip=2))  # a resumed run continues with exactly the same batches
+    assert all(torch.equal(a, b) for fa, fb in zip(first[2:], resumed) for a, b in zip(fa, fb))
+    other_epoch, other_seed = next(data.batches(1)), next(_device_batches(seed=1).batches(0))
+    assert not torch.equal(first[0][0], other_epoch[0]) and not torch.equal(first[0][0], other_seed[0])
+    # the order is the loader path's: EpochShuffleSampler's permutation, in batches, indices mapped back
+    order = [i for _, i in EpochShuffleSampler(40, 0)]
+    assert torch.cat([index for _, _, index in first]).tolist() == [100 + i for i in order]
+    assert torch.equal(first[0][1], torch.tensor(order[:8]) % 10)
+
+
+def test_device_crops_have_the_loader_paths_distribution():
+    """The outcome (offset, flip) of a device crop and of the loader path's transform
+    (timm_edl.data.train_transforms: RandomCrop(32, padding=4) + RandomHorizontalFlip) has the same
+    support, the 9 x 9 x 2 zero-padded crops, and both are uniform on it (chi-square)."""
+    from timm_edl import data as D
+    from timm_edl.train.data import DeviceBatches
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(1, 256, (1, 3, 32, 32), generator=g, dtype=torch.uint8)  # nonzero: crops are distinct
+    padded = torch.nn.functional.pad(image[0], (4, 4, 4, 4))
+    outcomes = {}
+    for dy in range(9):
+        for dx in range(9):
+            crop = padded[:, dy:dy + 32, dx:dx + 32]
+            outcomes[crop.numpy().tobytes()] = (dy, dx, 0)
+            outcomes[crop.flip(-1).numpy().tobytes()] = (dy, dx, 1)
+    assert len(outcomes) == 162
+    key = lambda x: (x * 255).round().to(torch.uint8).numpy().tobytes()  # noqa: E731
+    n = 3240  # 20 per outcome
+    info = D.dataset_info('cifar10-jpeg')
+    transform = D.train_transforms(info)
+    torch.manual_seed(0)
+    loader = [outcomes[key(transform(image[0].float() / 255))] for _ in range(n)]
+    data = DeviceBatches(image, torch.zeros(1), torch.zeros(1), 1, 0, torch.device('cpu'), pad=4, flip_p=0.5)
+    device = [outcomes[key(x)] for x in data.crop_and_flip(torch.zeros(n, dtype=torch.long),
+                                                           torch.Generator().manual_seed(0))]
+    counts = [torch.tensor([draws.count(o) for o in outcomes.values()], dtype=torch.float64)
+              for draws in (loader, device)]
+    for c in counts:  # uniform: chi-square with 161 degrees of freedom (mean 161, sd 18)
+        assert (c > 0).all() and float(((c - n / 162) ** 2 / (n / 162)).sum()) < 250
+    a, b = counts
+    assert float(((a - b) ** 2 / (a + b)).sum()) < 250  # the two samples are homogeneous
+
+
+def test_channels_last_trains_the_same_weights_within_float_tolerance(tmp_path):
+    kwargs = dict(epochs=1, data_on_device='true', val_n_ex=0)
+    a = train(tiny_config(tmp_path / 'nchw', **kwargs)).model.state_dict()
+    b = train(tiny_config(tmp_path / 'nhwc', channels_last='true', **kwargs)).model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), k
+    model = timm.create_model(f'local-dir:{tmp_path / "nhwc" / "final"}', pretrained=True)
+    assert all(torch.equal(v, b[k]) for k, v in model.state_dict().items())  # exported contiguous, same values
+
+
+def test_compile_runs_and_matches_eager(tmp_path):
+    """compile: true through accelerate's TorchDynamoPlugin (backend 'eager': traced, not compiled)."""
+    kwargs = dict(epochs=1, train_n_ex=64, val_n_ex=0, objective='fast',
+                  model_kwargs=TINY_KWARGS[:-1] + ', edl_layers: none}')
+    eager = train(tiny_config(tmp_path / 'eager', **kwargs)).model.state_dict()
+    result = train(tiny_config(tmp_path / 'compiled', compile='true', compile_backend='eager', **kwargs))
+    assert result.completed and result.global_update == 2
+    compiled = result.model.state_dict()
+    assert eager.keys() == compiled.keys()  # the unwrapped model: no _orig_mod. prefixes
+    for k in eager:
+        assert torch.allclose(eager[k].float(), compiled[k].float(), rtol=1e-4, atol=1e-6), k
+
+
+def test_time_budget_stops_saves_and_resumes(reference_run, tmp_path):
+    """A budget used up during the first step: the run stops after it, saves the state and
+    final/, says so, and --resume finishes with the weights of the uninterrupted run."""
+    out = tmp_path / 'run'
+    args = tiny_args(out, elastic_from_epoch=1, model_ema='true', save_every_steps=1, keep_checkpoints=100)
+    result = train(load_config(None, args + ['--time-budget-min', '1e-6']))
+    assert not result.completed and result.stop_reason == 'time_budget' and result.global_update == 1
+    progress = json.loads((out / 'checkpoints' / 'step_000000001' / 'progress.json').read_text())
+    assert progress['stopped'] == 'time_budget' and progress['step_in_epoch'] == 1
+    assert (out / 'final' / 'model.safetensors').is_file()
+    assert 'stopped on the time budget' in (out / 'log.txt').read_text()
+    assert main(['--resume', '--output', str(out), '--time-budget-min', 'null']) == 0
+    _compare_runs(reference_run, out)
+
+
+def test_best_epoch_is_the_one_with_the_best_held_out_pgd_accuracy(tmp_path, monkeypatch):
+    """best/ holds the weights of the epoch whose held-out PGD accuracy was highest (epoch 2 of
+    the scripted 10 %, 30 %, 20 %); with val_split: test nothing is selected."""
+    import timm_edl.train.loop as loop
+    scripted = iter([10.0, 30.0, 20.0] * 2)
+    monkeypatch.setattr(loop, 'validate', lambda *a, **k: {'clean_top1': 50.0, 'robust_top1': next(scripted)})
+    out = tmp_path / 'run'
+    result = train(tiny_config(out, epochs=3, keep_checkpoints=100))
+    assert result.best_epoch == 1 and result.best_metric == 30.0
+    best = load_file(str(out / 'best' / 'model.safetensors'))
+    at_epoch_2 = load_file(str(out / 'checkpoints' / f'step_{2 * STEPS_PER_EPOCH:09d}' / 'model.safetensors'))
+    final = load_file(str(out / 'final' / 'model.safetensors'))
+    assert best.keys() == at_epoch_2.keys()
+    assert all(torch.equal(best[k], at_epoch_2[k]) for k in best)
+    assert any(not torch.equal(best[k], final[k]) for k in best)
+    test_split = train(tiny_config(tmp_path / 'test_split', epochs=3, val_split='test'))
+    assert test_split.best_epoch is None and not (tmp_path / 'test_split' / 'best').exists()

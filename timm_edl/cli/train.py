@@ -99,7 +99,7 @@ def _main(args: argparse.Namespace, rest: List[str]) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end='')
         return 0
     result = train(cfg, resume=args.resume, overwrite=args.overwrite)
-    if not result.completed:
+    if result.stop_reason == 'stop_after_steps':  # a time-budget stop is a clean stop
         raise CommandFailed(f"the run stopped after {cfg.stop_after_steps} optimizer steps (stop_after_steps) "
                             f"before its end; continue it with --resume --output {cfg.output}")
     return 0

@@ -12,6 +12,6 @@ Usage::
 from __future__ import annotations
 
 from .config import ConfigError, TrainConfig, load_config
-from .trainer import RunDirError, TrainResult, latest_checkpoint, train
+from .trainer import RunDirError, TrainResult, latest_checkpoint, open_run, train
 
-__all__ = ['train', 'TrainConfig', 'TrainResult', 'ConfigError', 'RunDirError', 'load_config', 'latest_checkpoint']
+__all__ = ['train', 'open_run', 'TrainConfig', 'TrainResult', 'ConfigError', 'RunDirError', 'load_config', 'latest_checkpoint']

@@ -43,27 +43,33 @@ class TrainState:
     """Loop position, epoch metric sums, best-checkpoint tracking and EDL step caches;
     saved with the accelerate state (``register_for_checkpointing``)."""
 
-    def __init__(self, models: Dict[str, nn.Module]):
+    def __init__(self, models: Dict[str, nn.Module], device: Union[str, torch.device] = 'cpu'):
         self.models = models  # name -> module whose EDL power vectors are saved
+        self.device = torch.device(device)
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_update = 0
         self.eval_pending = False
-        self.sums: Dict[str, float] = dict.fromkeys(SUMS, 0.0)
+        self.sums = self.zero_sums()  # the epoch's SUMS, float64 on the device: adding to them reads nothing back
         self.epoch_time = 0.0
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
+        self.stopped: Optional[str] = None  # 'time_budget' when the run stopped on time_budget_min
         self._edl_vectors: Dict[str, torch.Tensor] = {}
+
+    def zero_sums(self) -> torch.Tensor:
+        return torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
 
     def progress(self) -> Dict[str, Any]:
         return dict(epoch=self.epoch, step_in_epoch=self.step_in_epoch, global_update=self.global_update,
-                    eval_pending=self.eval_pending, best_metric=self.best_metric, best_epoch=self.best_epoch)
+                    eval_pending=self.eval_pending, best_metric=self.best_metric, best_epoch=self.best_epoch,
+                    stopped=self.stopped)
 
     def next_epoch(self) -> None:
         self.epoch += 1
         self.step_in_epoch = 0
         self.eval_pending = False
-        self.sums = dict.fromkeys(SUMS, 0.0)
+        self.sums = self.zero_sums()
         self.epoch_time = 0.0
 
     def state_dict(self) -> Dict[str, Any]:
@@ -71,13 +77,14 @@ class TrainState:
         for prefix, model in self.models.items():
             for name, layer in edl_layers(model):
                 vectors[f'{prefix}:{name}'] = layer.power_vector.detach().cpu().clone()
-        return dict(self.progress(), sums=dict(self.sums), epoch_time=self.epoch_time, edl_power_vectors=vectors)
+        return dict(self.progress(), sums=dict(zip(SUMS, self.sums.tolist())), epoch_time=self.epoch_time,
+                    edl_power_vectors=vectors)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for key in ('epoch', 'step_in_epoch', 'global_update', 'eval_pending', 'best_metric', 'best_epoch',
                     'epoch_time'):
             setattr(self, key, state[key])
-        self.sums = dict(state['sums'])
+        self.sums = torch.tensor([state['sums'][k] for k in SUMS], dtype=torch.float64, device=self.device)
         self._edl_vectors = dict(state['edl_power_vectors'])
 
     def restore_edl_caches(self) -> None:
@@ -147,10 +154,9 @@ def check_same_recipe(saved: Path, cfg: TrainConfig) -> None:
 def save_checkpoint(accelerator, state: TrainState, output: Path, keep: int) -> Path:
     """Save the accelerate state as ``checkpoints/step_<update>``, then delete all but the
     newest ``keep`` complete states.  Collective: every process calls it."""
-    totals = torch.tensor([state.sums[k] for k in SUMS], dtype=torch.float64, device=accelerator.device)
-    totals = accelerator.reduce(totals, 'sum')
+    totals = accelerator.reduce(state.sums.clone(), 'sum')
     # the saved sums are the all-rank totals, held by the main process only
-    state.sums = {k: (float(v) if accelerator.is_main_process else 0.0) for k, v in zip(SUMS, totals.tolist())}
+    state.sums = totals if accelerator.is_main_process else state.zero_sums()
     folder = output / CHECKPOINT_DIR / f'step_{state.global_update:09d}'
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and folder.exists():  # an interrupted save, or a re-run from an older state

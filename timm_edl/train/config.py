@@ -30,6 +30,7 @@ CRAFT_BN_MODES = ('eval', 'train')
 MIXED_PRECISION = ('no', 'bf16', 'fp16')
 VAL_SPLITS = ('holdout', 'test')
 PROGRESS = ('auto', 'always', 'never')
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 os_PathLike = typing.Union[str, Path]
 
 
@@ -63,6 +64,7 @@ class TrainConfig:
     augment: bool = True                      # random crop (+ flip where the dataset allows)
     batch_size: int = 128
     num_workers: int = 2
+    data_on_device: bool = False              # training set as one uint8 tensor on the device; crops/flips drawn there
     # ---------------------------------------------------------------- objective
     objective: str = 'pgd'                    # natural | pgd (Madry) | trades | mart | fast (FGSM-RS)
     eps: Optional[float] = None               # threat-model radius in [0, 1] pixels; None: the dataset's default
@@ -91,10 +93,15 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
+    warmup_prefix: bool = False               # warmup before the main schedule, which spans the other epochs
     grad_accum_steps: int = 1
     mixed_precision: str = 'no'               # no | bf16 | fp16
     model_ema: bool = False
     model_ema_decay: float = 0.999
+    channels_last: bool = False               # NHWC memory format for the model and its inputs
+    compile: bool = False                     # torch.compile the model (accelerate's TorchDynamoPlugin)
+    compile_backend: str = 'inductor'         # a torch.compile backend ('eager' traces without compiling)
+    compile_mode: Optional[str] = None        # inductor mode: default | reduce-overhead | max-autotune | ...
     # ---------------------------------------------------------------- robust validation
     val_every: int = 1                        # epochs between validations (0: never; the last epoch always)
     val_split: str = 'holdout'                # holdout (fixed random train subset, not trained on) | test (first n)
@@ -110,12 +117,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     stop_after_steps: Optional[int] = None    # simulate a crash: exit after N optimizer steps without saving (tests)
     progress: str = 'auto'                    # tqdm bars: auto (TTY only) | always | never
+    time_budget_min: Optional[float] = None   # stop at an optimizer step once this many minutes have passed
 
 
 #: Keys that may differ between a run and its resumption (they do not change the result).
 RUNTIME_KEYS = frozenset({
     'output', 'num_workers', 'progress', 'save_every_steps', 'keep_checkpoints', 'stop_after_steps', 'download',
-    'data_dir', 'val_batch_size', 'allow_pickle',
+    'data_dir', 'val_batch_size', 'allow_pickle', 'time_budget_min',
 })
 
 
@@ -266,7 +274,29 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for key in ('num_classes', 'in_chans'):
         if key in cfg.model_kwargs:
             raise ConfigError(f"model_kwargs.{key} is set from the dataset; remove it from model_kwargs")
+    _validate_speed_keys(cfg)
     return cfg
+
+
+def _validate_speed_keys(cfg: TrainConfig) -> None:
+    """The keys that change how fast a run goes: device data, compile, warmup prefix, budget."""
+    if cfg.data_on_device and cfg.image_size is not None:
+        raise ConfigError("data_on_device serves the stored images at their own size; remove image_size or set "
+                          "data_on_device: false")
+    if cfg.compile:
+        from accelerate.utils import DynamoBackend
+        backends = [b.value.lower() for b in DynamoBackend if b is not DynamoBackend.NO]
+        if cfg.compile_backend not in backends:
+            raise ConfigError(f"compile_backend: {cfg.compile_backend!r} is not one of {', '.join(backends)}")
+        if cfg.compile_mode is not None and cfg.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"compile_mode: {cfg.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}")
+    elif cfg.compile_mode is not None:
+        raise ConfigError("compile_mode is set but compile is false; add compile: true or remove compile_mode")
+    if cfg.warmup_prefix and cfg.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"warmup_prefix: warmup_epochs ({cfg.warmup_epochs}) must be fewer than epochs "
+                          f"({cfg.epochs}), which the warmup and the main schedule share")
+    if cfg.time_budget_min is not None and not cfg.time_budget_min > 0:
+        raise ConfigError(f"time_budget_min must be > 0 minutes (or null), got {cfg.time_budget_min}")
 
 
 def _split_key(raw: str) -> Tuple[str, Optional[str]]:

@@ -3,19 +3,25 @@
 The data order of epoch ``e`` is a permutation seeded by ``(seed, e)`` and the augmentation
 of sample ``i`` in epoch ``e`` is seeded by ``(seed, e, i)`` (the same with any number of
 data-loader workers), so a resumed run sees exactly the data of an uninterrupted one.
+
+``data_on_device: true`` replaces the data loader by :class:`DeviceBatches`: the training
+images as one uint8 tensor on the device, batched in the same order, each batch cropped and
+flipped on the device by a generator seeded with ``(seed, e, b)`` (batch ``b`` of epoch ``e``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, TensorDataset
+from torchvision import transforms as T
 
 from .. import data as D
 from .config import ConfigError, TrainConfig
 
-__all__ = ['mix_seed', 'EpochShuffleSampler', 'SeededView', 'TrainData', 'prepare_data']
+__all__ = ['mix_seed', 'EpochShuffleSampler', 'SeededView', 'DeviceBatches', 'TrainData', 'prepare_data']
 
 HOLDOUT_SEED = 20250202  # fixed: the hold-out set does not change with the run's seed
 
@@ -81,11 +87,96 @@ class SeededView(Dataset):
         return image, label, index
 
 
+class DeviceBatches:
+    """Training batches served from one uint8 tensor ``(N, C, H, W)`` on the device.
+
+    Epoch ``e`` visits the images in :class:`EpochShuffleSampler`'s order in batches of
+    ``batch_size`` (the last partial one dropped); process ``r`` of ``W`` gets batches
+    ``r, r + W, ...`` (as accelerate shards a batch sampler). With ``pad`` > 0 each image is
+    cropped at an offset ``(dy, dx)`` drawn uniformly from ``{0..2 pad}^2`` out of its
+    zero-padded copy (torchvision's ``RandomCrop(padding=pad)``), then flipped left-right with
+    probability ``flip_p``; the draws come from a device generator seeded by ``(seed, e, b)``.
+    Yields ``(x, y, index)``: x float32 ``(B, C, H, W)`` in [0, 1] and y on the device, the
+    dataset indices on the CPU.  Nothing is read back to the host.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, batch_size: int,
+                 seed: int, device: torch.device, *, pad: int = 0, flip_p: float = 0.0, rank: int = 0,
+                 world: int = 1):
+        self.images = images.to(device)
+        self.labels = labels.to(device=device, dtype=torch.long)
+        self.indices = indices.cpu()
+        self.batch_size, self.seed, self.pad, self.flip_p = batch_size, seed, pad, flip_p
+        self.rank, self.world = rank, world
+        self.sampler = EpochShuffleSampler(len(self.labels), seed)
+        self.padded = F.pad(self.images, (pad,) * 4) if pad else self.images
+        self.generator = torch.Generator(device=device)
+
+    def __len__(self) -> int:
+        return (len(self.labels) // self.batch_size) // self.world
+
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """This process's batches of ``epoch`` from its ``skip``-th on."""
+        self.sampler.set_epoch(epoch)
+        order = torch.tensor([i for _, i in self.sampler], dtype=torch.long)
+        on_device = order.to(self.labels.device)
+        for k in range(skip, len(self)):
+            b = k * self.world + self.rank
+            rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            self.generator.manual_seed(mix_seed(self.seed, 2, epoch, b))
+            yield self.crop_and_flip(on_device[rows]), self.labels[on_device[rows]], self.indices[order[rows]]
+
+    def crop_and_flip(self, rows: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The images ``rows`` cropped and flipped as the class docstring says, as float32."""
+        g = self.generator if generator is None else generator
+        n, (c, h, w), p, dev = len(rows), self.images.shape[1:], self.pad, self.images.device
+        if p:
+            dy, dx = (torch.randint(0, 2 * p + 1, (n, 1), generator=g, device=dev) for _ in range(2))
+            ys = (dy + torch.arange(h, device=dev))[:, None, :, None]
+            xs = (dx + torch.arange(w, device=dev))[:, None, None, :]
+            x = self.padded[rows[:, None, None, None], torch.arange(c, device=dev)[None, :, None, None], ys, xs]
+        else:
+            x = self.images[rows]
+        if self.flip_p:
+            flip = torch.rand(n, generator=g, device=dev) < self.flip_p
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        return x.float().div_(255)
+
+
+def _crop_and_flip(transform) -> Tuple[int, float]:
+    """``(pad, flip probability)`` of the loader path's :func:`timm_edl.data.train_transforms`,
+    read from the transform itself so that both paths crop the same way."""
+    pad, flip_p = 0, 0.0
+    for t in getattr(transform, 'transforms', ()):
+        if isinstance(t, T.RandomCrop):
+            if t.fill != 0 or t.padding_mode != 'constant' or not isinstance(t.padding, int):
+                raise ValueError(f"data_on_device reproduces zero-padded crops only, not {t!r}")
+            pad = t.padding
+        elif isinstance(t, T.RandomHorizontalFlip):
+            flip_p = float(t.p)
+        else:
+            raise ValueError(f"data_on_device cannot reproduce the transform {t!r}")
+    return pad, flip_p
+
+
+def _device_batches(base: D.ImageClassificationDataset, train_idx: List[int], cfg: TrainConfig,
+                    accelerator) -> DeviceBatches:
+    if not isinstance(base, D.InMemoryImageDataset):
+        raise ConfigError(f"data_on_device needs a dataset held in memory as uint8 images (cifar10, cifar100, "
+                          f"cifar10-jpeg, fashion-mnist, fashion-mnist-small); {cfg.dataset} is read from files: "
+                          f"set data_on_device: false")
+    pad, flip_p = _crop_and_flip(D.train_transforms(base.info)) if cfg.augment else (0, 0.0)
+    index = torch.tensor(train_idx, dtype=torch.long)
+    return DeviceBatches(base.images[index], base.labels[index], index, cfg.batch_size, cfg.seed,
+                         accelerator.device, pad=pad, flip_p=flip_p, rank=accelerator.process_index,
+                         world=accelerator.num_processes)
+
+
 @dataclass
 class TrainData:
     """The dataset's description and the (not yet prepared) loaders of a run."""
     info: D.DatasetInfo
-    train_loader: DataLoader
+    train_loader: Union[DataLoader, DeviceBatches]
     sampler: EpochShuffleSampler
     val_loader: Optional[DataLoader]  # None: no validation
 
@@ -123,15 +214,20 @@ def prepare_data(cfg: TrainConfig, accelerator) -> TrainData:
         if cfg.train_n_ex > len(train_idx):
             raise ConfigError(f"train_n_ex={cfg.train_n_ex} but only {len(train_idx)} training images are available")
         train_idx = train_idx[:cfg.train_n_ex]
-    transform = D.train_transforms(info, augment=cfg.augment) if cfg.augment else None
-    view = SeededView(base, train_idx, transform, cfg.seed)
-    sampler = EpochShuffleSampler(len(view), cfg.seed)
-    if len(view) < cfg.batch_size * accelerator.num_processes:
-        raise ConfigError(f"{len(view)} training images are fewer than one global batch "
+    if len(train_idx) < cfg.batch_size * accelerator.num_processes:
+        raise ConfigError(f"{len(train_idx)} training images are fewer than one global batch "
                           f"({cfg.batch_size} x {accelerator.num_processes} processes)")
     pin = accelerator.device.type == 'cuda'
-    train_loader = DataLoader(view, batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
-                              num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0, pin_memory=pin)
+    if cfg.data_on_device:
+        train_loader = _device_batches(base, train_idx, cfg, accelerator)
+        sampler = train_loader.sampler
+    else:
+        transform = D.train_transforms(info, augment=cfg.augment) if cfg.augment else None
+        view = SeededView(base, train_idx, transform, cfg.seed)
+        sampler = EpochShuffleSampler(len(view), cfg.seed)
+        train_loader = DataLoader(view, batch_sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
+                                  num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                                  pin_memory=pin)
     val_loader = None
     if x_val is not None:
         # its own generator: iterating it leaves the global RNG (saved with the state) alone

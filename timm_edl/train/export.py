@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import copy
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
 import torch.nn as nn
 from accelerate.utils import extract_model_from_parallel
 
 from .. import data as D
+from ..hub import export as hub_export
 from ..results import normalize_result
 from .config import TrainConfig
 
@@ -20,32 +20,19 @@ __all__ = ['export_model', 'eval_results']
 def export_model(model: nn.Module, folder: Path, eval_results: Optional[Dict[str, Any]], *,
                  label_names: Optional[List[str]] = None, tag: Optional[str] = None) -> str:
     """Write a Hub-ready folder with :func:`timm_edl.hub.export` (model.safetensors, config.json,
-    README.md card), or, where that module is missing, with timm's ``save_for_hf``
-    (model.safetensors + config.json) plus eval_results.json.  Returns the exporter used."""
-    # a CPU copy without accelerate's mixed-precision forward (the training model keeps it)
-    plain = extract_model_from_parallel(copy.deepcopy(model), keep_fp32_wrapper=False).cpu().eval()
-    try:
-        from ..hub import export as hub_export
-    except ImportError:
-        hub_export = None
+    README.md card).  Returns the exporter used."""
+    # a contiguous CPU copy without accelerate's mixed-precision forward (the training model keeps it)
+    plain = extract_model_from_parallel(copy.deepcopy(model), keep_fp32_wrapper=False, keep_torch_compile=False)
+    plain = plain.cpu().eval().to(memory_format=torch.contiguous_format)
+    kwargs: Dict[str, Any] = dict(eval_results=eval_results, overwrite=True)
     if label_names is not None and len(label_names) == getattr(plain, 'num_classes', -1):
         plain.pretrained_cfg = dict(plain.pretrained_cfg, label_names=tuple(label_names))
-    if hub_export is not None:
-        arch = getattr(plain, 'pretrained_cfg', {}).get('architecture')
-        kwargs: Dict[str, Any] = dict(eval_results=eval_results, overwrite=True)
-        if label_names is not None and len(label_names) == getattr(plain, 'num_classes', -1):
-            kwargs['label_names'] = list(label_names)
-        if arch and tag and arch.startswith('edlnet_'):
-            kwargs['model_name'] = f'{arch}.{tag}'
-        hub_export(plain, folder, **kwargs)
-        return 'timm_edl.hub.export'
-    from timm.models import save_for_hf
-    if folder.exists():
-        shutil.rmtree(folder)
-    save_for_hf(plain, str(folder), safe_serialization=True)
-    if eval_results:
-        (folder / 'eval_results.json').write_text(json.dumps(eval_results, indent=2))
-    return 'timm.models.save_for_hf'
+        kwargs['label_names'] = list(label_names)
+    arch = getattr(plain, 'pretrained_cfg', {}).get('architecture')
+    if arch and tag and arch.startswith('edlnet_'):
+        kwargs['model_name'] = f'{arch}.{tag}'
+    hub_export(plain, folder, **kwargs)
+    return 'timm_edl.hub.export'
 
 
 def eval_results(cfg: TrainConfig, info: D.DatasetInfo, metrics: Dict[str, Any], use_ema: bool,

@@ -8,6 +8,10 @@ The attack's random start for batch ``b`` of epoch ``e`` on rank ``r`` is seeded
 ``(seed, e, b, r)``, so a resumed run crafts exactly the inputs of an uninterrupted one.
 Under DDP, parameters that were frozen when the model was wrapped (beta, until the elastic
 stage) are not reduced by DDP: their gradients are averaged here.
+
+The epoch's metric sums stay on the device (read at the epoch's end and at saves), so a step
+reads nothing back to the host for them; ``time_budget_min`` is checked on the host clock
+after every optimizer step (under several processes the ranks agree on it by a reduction).
 """
 from __future__ import annotations
 
@@ -28,13 +32,13 @@ from .. import data as D
 from .awp import perturb_weights
 from .checkpoint import SUMS, TrainState, save_checkpoint
 from .config import TrainConfig
-from .data import EpochShuffleSampler, mix_seed
+from .data import DeviceBatches, EpochShuffleSampler, mix_seed
 from .export import eval_results, export_model
 from .model import beta_metrics, enter_stage, stage_for
 from .objectives import craft, needs_clean_forward, training_loss
 from .validation import validate
 
-__all__ = ['Run', 'start_epoch', 'train_one_epoch', 'finish_epoch', 'export_final']
+__all__ = ['Run', 'start_epoch', 'train_one_epoch', 'train_step', 'finish_epoch', 'export_final']
 
 
 @dataclass
@@ -44,12 +48,13 @@ class Run:
     accelerator: Any
     output: Path
     log: Callable[[str], None]
-    model: nn.Module                  # as prepared (DDP-wrapped with several processes)
+    model: nn.Module                  # as prepared (DDP-wrapped with several processes, compiled with compile)
     raw: nn.Module                    # the same model unwrapped
+    craft_model: nn.Module            # what crafts the attacks: raw, or raw compiled
     optimizer: Any
     scheduler: Any
     ema: Any                          # timm ModelEmaV3 or None
-    train_loader: Any
+    train_loader: Any                 # a prepared DataLoader or DeviceBatches
     sampler: EpochShuffleSampler
     val_loader: Any                   # None: no validation
     state: TrainState
@@ -64,6 +69,16 @@ class Run:
     last_eval: Dict[str, float] = field(default_factory=dict)
     t0: float = 0.0                   # start of the epoch's time not yet in state.epoch_time
     attack_generator: Optional[torch.Generator] = None
+    deadline: Optional[float] = None  # time.time() at which time_budget_min is used up
+
+    def out_of_time(self) -> bool:
+        """Whether ``time_budget_min`` is used up (the same answer on every process)."""
+        if self.deadline is None:
+            return False
+        late = time.time() >= self.deadline
+        if self.accelerator.num_processes > 1:  # one rank's clock decides for all
+            late = bool(self.accelerator.reduce(torch.tensor(float(late), device=self.accelerator.device), 'sum'))
+        return late
 
     def save(self) -> None:
         """Bank the epoch's time and save the state."""
@@ -98,20 +113,29 @@ def progress_bar_enabled(cfg: TrainConfig, is_main: bool) -> bool:
     return cfg.progress == 'always' or sys.stderr.isatty()
 
 
-def train_one_epoch(run: Run, epoch: int) -> bool:
-    """Train the rest of ``epoch``; False when ``stop_after_steps`` stopped the run."""
+def _batches(run: Run, epoch: int, skip: int):
+    """The epoch's ``(x, y, index)`` batches from the ``skip``-th on."""
+    if isinstance(run.train_loader, DeviceBatches):
+        return run.train_loader.batches(epoch, skip)
+    loader = run.accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    loader.set_epoch(epoch)  # accelerate re-sets the sampler's epoch from its own counter on iter()
+    run.sampler.set_epoch(epoch)
+    return loader
+
+
+def train_one_epoch(run: Run, epoch: int) -> Optional[str]:
+    """Train the rest of ``epoch``; returns why it stopped early ('stop_after_steps',
+    'time_budget'), None when the epoch is done."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     run.model.train()
     skip = state.step_in_epoch
-    loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
-    loader.set_epoch(epoch)  # accelerate re-sets the sampler's epoch from its own counter on iter()
-    run.sampler.set_epoch(epoch)
+    loader = _batches(run, epoch, skip)
     bar = tqdm(loader, total=len(run.train_loader), initial=skip, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not progress_bar_enabled(cfg, accelerator.is_main_process), leave=False, dynamic_ncols=True)
     with bar:
         for x, y, index in bar:
             run.seen.append(index.detach().cpu())
-            _train_step(run, epoch, x, y)
+            train_step(run, epoch, x, y)
             state.step_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
@@ -121,17 +145,22 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
             if run.scheduler is not None:
                 run.scheduler.step_update(state.global_update)
             if not bar.disable and state.step_in_epoch % 10 == 0:
-                bar.set_postfix(loss=f"{state.sums['loss'] / max(state.sums['n'], 1):.3f}")
+                bar.set_postfix(loss=f"{float(state.sums[1] / state.sums[0].clamp_min(1)):.3f}")
             if cfg.save_every_steps and state.global_update % cfg.save_every_steps == 0:
                 run.save()
             if cfg.stop_after_steps is not None and state.global_update >= cfg.stop_after_steps:
-                return False
-    return True
+                return 'stop_after_steps'
+            if run.out_of_time() and state.step_in_epoch < len(run.train_loader):
+                return 'time_budget'
+    return None
 
 
-def _train_step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Craft the inputs, take one (accumulated) optimizer step and add the batch's metrics."""
+def train_step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Craft the inputs of batch ``(x, y)``, take one (accumulated) optimizer step and add the
+    batch's metrics to ``run.state.sums``; the attack's random start is seeded by the position."""
     cfg, accelerator, model, raw = run.cfg, run.accelerator, run.model, run.raw
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     if run.attack_generator is None:
         run.attack_generator = torch.Generator(device=accelerator.device)
     generator = run.attack_generator.manual_seed(
@@ -142,11 +171,11 @@ def _train_step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor) -> None:
         # before the update (so the state saved after it stays consistent)
         raw.eval()
         with torch.no_grad(), accelerator.autocast():
-            clean_eval = raw(x).detach()
+            clean_eval = run.craft_model(x).detach()
         raw.train()
     loss_fn = dict(trades_beta=cfg.trades_beta, mart_beta=cfg.mart_beta)
     with accelerator.accumulate(model):
-        x_in = craft(cfg.objective, raw, x, y, eps=run.eps, norm=cfg.norm, steps=cfg.attack_steps,
+        x_in = craft(cfg.objective, run.craft_model, x, y, eps=run.eps, norm=cfg.norm, steps=cfg.attack_steps,
                      step_size=cfg.attack_step_size, fast_alpha=cfg.fast_alpha, craft_bn=cfg.craft_bn,
                      generator=generator)
         awp = None
@@ -166,7 +195,7 @@ def _train_step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor) -> None:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     clean = logits['clean'] if logits['clean'] is not None else clean_eval
-    _add_batch_metrics(run.state.sums, loss, clean, logits['adv'], y)
+    run.state.sums += _batch_sums(loss, clean, logits['adv'], y)
 
 
 def _average_gradients(accelerator, params: List[nn.Parameter]) -> None:
@@ -177,16 +206,19 @@ def _average_gradients(accelerator, params: List[nn.Parameter]) -> None:
 
 
 @torch.no_grad()
-def _add_batch_metrics(sums: Dict[str, float], loss: torch.Tensor, clean: Optional[torch.Tensor],
-                       adv: Optional[torch.Tensor], y: torch.Tensor) -> None:
+def _batch_sums(loss: torch.Tensor, clean: Optional[torch.Tensor], adv: Optional[torch.Tensor],
+                y: torch.Tensor) -> torch.Tensor:
+    """The batch's contribution to the epoch's SUMS (float64, on the device)."""
     b = float(len(y))
-    sums['n'] += b
-    sums['loss'] += float(loss.detach()) * b
-    for prefix, logits in (('clean', clean), ('robust', adv)):
-        if logits is not None:
-            sums[f'{prefix}_n'] += b
-            sums[f'{prefix}_loss'] += float(F.cross_entropy(logits.float(), y)) * b
-            sums[f'{prefix}_correct'] += float((logits.argmax(1) == y).sum())
+    zero = torch.zeros((), dtype=torch.float64, device=loss.device)
+    parts = [zero + b, loss.detach().double() * b]
+    for logits in (clean, adv):
+        if logits is None:
+            parts += [zero, zero, zero]
+        else:
+            parts += [zero + b, F.cross_entropy(logits.float(), y).double() * b,
+                      (logits.argmax(1) == y).sum().double()]
+    return torch.stack(parts)
 
 
 def _fmt(value: Optional[float], pct: bool = True) -> str:
@@ -198,8 +230,7 @@ def _fmt(value: Optional[float], pct: bool = True) -> str:
 def _train_metrics(run: Run) -> Dict[str, Any]:
     """The epoch's training metrics over all processes (plus each EDL layer's beta)."""
     accelerator = run.accelerator
-    totals = torch.tensor([run.state.sums[k] for k in SUMS], dtype=torch.float64, device=accelerator.device)
-    s = dict(zip(SUMS, accelerator.reduce(totals, 'sum').tolist()))
+    s = dict(zip(SUMS, accelerator.reduce(run.state.sums.clone(), 'sum').tolist()))
     ratio = lambda a, b, pct=1.0: (pct * s[a] / s[b]) if s[b] else None  # noqa: E731
     return {
         'loss': ratio('loss', 'n'),
@@ -213,11 +244,15 @@ def _train_metrics(run: Run) -> Dict[str, Any]:
 
 def finish_epoch(run: Run, epoch: int) -> None:
     """Write the epoch's summary row and log line, validate (every ``val_every`` epochs and
-    at the last), export a new best model and move on to the next epoch."""
+    at the last), export a new best model and move on to the next epoch.
+
+    ``best/`` holds the epoch with the highest PGD accuracy on the held-out training images
+    (``val_split: holdout``); test images (``val_split: test``) are reported, never selected on."""
     cfg, accelerator, state, raw, ema = run.cfg, run.accelerator, run.state, run.raw, run.ema
     if accelerator.num_processes > 1:  # every rank validates and exports with rank 0's BN statistics (as timm)
         distribute_bn(raw, accelerator.num_processes, reduce=False)
     train_metrics = _train_metrics(run)
+    train_metrics['epoch_time'] = state.epoch_time + (time.time() - run.t0)  # training only, not validation
     do_eval = run.val_loader is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
     eval_metrics: Dict[str, Any] = {'clean_top1': None, 'robust_top1': None}
     if ema is not None:
@@ -228,7 +263,6 @@ def finish_epoch(run: Run, epoch: int) -> None:
             ema_metrics = validate(ema.module, run.val_loader, cfg, run.val_eps, accelerator)
             eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
         run.last_eval = {k: v for k, v in eval_metrics.items() if v is not None}
-    train_metrics['epoch_time'] = state.epoch_time + (time.time() - run.t0)
     lr = run.optimizer.param_groups[0]['lr']
     if accelerator.is_main_process:
         update_summary(epoch, train_metrics, eval_metrics, str(run.output / 'summary.csv'), lr=lr)
@@ -240,7 +274,7 @@ def finish_epoch(run: Run, epoch: int) -> None:
                if ema is not None and do_eval else '')
             + (f" | beta {train_metrics['beta_mean']:.4f}" if 'beta_mean' in train_metrics else '')
             + f" | {train_metrics['epoch_time']:.1f}s")
-    if do_eval:
+    if do_eval and cfg.val_split == 'holdout':
         metric = eval_metrics['ema_robust_top1' if ema is not None else 'robust_top1']
         if state.best_metric is None or metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, epoch

@@ -16,15 +16,23 @@ uninterrupted run (bitwise on CPU; up to non-deterministic kernels on GPU).  Sta
 model, optimizer, scheduler, EMA and the loop position (:class:`TrainState`), including the
 EDL layers' power-iteration vectors, so the step sizes ``1/L`` continue exactly as they
 would have.  Every epoch's metrics (``summary.csv``) hold each layer's beta (``beta/<layer>``).
+
+Speed keys: ``data_on_device`` (:class:`~.data.DeviceBatches` instead of a data loader),
+``channels_last``, ``compile`` (accelerate's ``TorchDynamoPlugin``; the attacks are crafted
+on the unwrapped model compiled the same way), ``mixed_precision``.  ``time_budget_min``
+stops the run at an optimizer step once that much wall time (from the call of :func:`train`)
+has passed: the state is saved, ``final/`` exported and ``--resume`` continues it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -45,7 +53,7 @@ from .export import export_model
 from .loop import Run, export_final, finish_epoch, progress_bar_enabled, start_epoch, train_one_epoch
 from .model import build_model, enter_stage, param_groups, stage_for
 
-__all__ = ['train', 'TrainResult', 'TrainState', 'RunDirError', 'build_model', 'param_groups',
+__all__ = ['train', 'open_run', 'TrainResult', 'TrainState', 'RunDirError', 'build_model', 'param_groups',
            'latest_checkpoint', 'export_model', 'CHECKPOINT_DIR']
 
 
@@ -55,7 +63,8 @@ class TrainResult:
     output: Path
     model: nn.Module                       # the trained model (unwrapped, on the training device)
     ema: Optional[nn.Module] = None
-    completed: bool = True                 # False when stopped by stop_after_steps
+    completed: bool = True                 # False when stopped before the last epoch
+    stop_reason: Optional[str] = None      # 'time_budget' or 'stop_after_steps' when stopped early
     global_update: int = 0
     last_eval: Dict[str, float] = field(default_factory=dict)
     best_metric: Optional[float] = None
@@ -69,34 +78,52 @@ def train(cfg: TrainConfig, *, resume: Union[None, bool, str] = None, overwrite:
     ``resume``: ``True`` continues from the newest complete state in ``cfg.output``, a path
     from that checkpoint folder.  Returns a :class:`TrainResult` on every process.
     """
+    with open_run(cfg, resume=resume, overwrite=overwrite) as run:
+        return _train(run)
+
+
+@contextlib.contextmanager
+def open_run(cfg: TrainConfig, *, resume: Union[None, bool, str] = None, overwrite: bool = False) -> Iterator[Run]:
+    """The run :func:`train` trains (folder, data, model, optimizer, schedule, state), set up
+    on accelerate; :func:`~.loop.train_step` takes one optimizer step of it (a planner can time
+    a few that way).  ``time_budget_min`` counts from here."""
     try:
-        return _train(cfg, resume=resume, overwrite=overwrite)
+        run = _start_run(cfg, resume, overwrite, time.time())
+        yield run
+        run.accelerator.end_training()
     finally:
         if int(os.environ.get('WORLD_SIZE', '1')) == 1:
             reset_accelerate_state()
 
 
-def _train(cfg: TrainConfig, *, resume: Union[None, bool, str], overwrite: bool) -> TrainResult:
-    run = _start_run(cfg, resume, overwrite)
-    state, completed = run.state, True
+def _train(run: Run) -> TrainResult:
+    cfg, state, stop = run.cfg, run.state, None
     for epoch in range(state.epoch, cfg.epochs):
         start_epoch(run, epoch)
         if not state.eval_pending:
-            completed = train_one_epoch(run, epoch)
-            if not completed:
+            stop = train_one_epoch(run, epoch)
+            if stop == 'stop_after_steps':  # a simulated crash: nothing saved
                 run.log(f"stopped after {state.global_update} optimizer steps (stop_after_steps); continue "
                         f"with --resume")
                 break
-            state.eval_pending = True
+            state.eval_pending, state.stopped = stop is None, stop
             run.save()
-        finish_epoch(run, epoch)
-    if completed:
+        if stop is None:
+            finish_epoch(run, epoch)
+            if epoch + 1 < cfg.epochs and run.out_of_time():
+                stop = state.stopped = 'time_budget'
+                run.save()
+        if stop:
+            run.log(f"stopped on the time budget ({cfg.time_budget_min:g} min) after {state.global_update} "
+                    f"optimizer steps (epoch {state.epoch + 1}, batch {state.step_in_epoch}); state saved, "
+                    f"continue with --resume")
+            break
+    if stop != 'stop_after_steps':
         export_final(run)
-    run.accelerator.end_training()
     return TrainResult(
-        output=run.output, model=run.raw, ema=run.ema.module if run.ema is not None else None, completed=completed,
-        global_update=state.global_update, last_eval=run.last_eval, best_metric=state.best_metric,
-        best_epoch=state.best_epoch,
+        output=run.output, model=run.raw, ema=run.ema.module if run.ema is not None else None,
+        completed=stop is None, stop_reason=stop, global_update=state.global_update, last_eval=run.last_eval,
+        best_metric=state.best_metric, best_epoch=state.best_epoch,
         seen_indices=torch.cat(run.seen) if run.seen else torch.zeros(0, dtype=torch.long))
 
 
@@ -132,6 +159,7 @@ class _RunLog:
 
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import TorchDynamoPlugin
 
     # Launched with several processes (accelerate launch --multi_gpu / torchrun) on a machine
     # without GPUs: data-parallel on CPU (gloo), which accelerate only does when told cpu=True.
@@ -140,9 +168,10 @@ def _accelerator(cfg: TrainConfig):
     # in-place broadcast into the BatchNorm statistics between them breaks the backward of the first
     # (torch 2.11); BN statistics are synced from rank 0 at every epoch end instead (distribute_bn).
     ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
+    dynamo = TorchDynamoPlugin(backend=cfg.compile_backend, mode=cfg.compile_mode) if cfg.compile else None
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
                        rng_types=[], step_scheduler_with_optimizer=False, cpu=multi_cpu,
-                       kwargs_handlers=[ddp_kwargs])
+                       kwargs_handlers=[ddp_kwargs], dynamo_plugin=dynamo)
 
 
 def _craft_eps(cfg: TrainConfig, info: D.DatasetInfo) -> float:
@@ -155,7 +184,7 @@ def _craft_eps(cfg: TrainConfig, info: D.DatasetInfo) -> float:
     return float(info.default_eps_linf)
 
 
-def _start_run(cfg: TrainConfig, resume: Union[None, bool, str], overwrite: bool) -> Run:
+def _start_run(cfg: TrainConfig, resume: Union[None, bool, str], overwrite: bool, started: float) -> Run:
     """Check the run folder, build data and model, create the folder, prepare everything
     with accelerate and load the state to resume from."""
     from accelerate.utils import set_seed
@@ -195,17 +224,16 @@ def _start_run(cfg: TrainConfig, resume: Union[None, bool, str], overwrite: bool
                                     momentum=cfg.momentum, param_group_fn=lambda m: param_groups(m, cfg.weight_decay),
                                     **cfg.opt_kwargs)
     model = model.to(accelerator.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
     ddp_param_ids = {id(p) for p in model.parameters() if p.requires_grad}
-    model, optimizer, train_loader, val_loader = accelerator.prepare(
-        model, optimizer, data.train_loader, data.val_loader)
-    raw = accelerator.unwrap_model(model)
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=cfg.epochs, decay_epochs=cfg.decay_epochs,
-        decay_milestones=cfg.decay_milestones, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
-        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, step_on_epochs=not cfg.sched_on_updates,
-        updates_per_epoch=math.ceil(len(train_loader) / cfg.grad_accum_steps))
-    state = TrainState({'model': raw, **({'ema': ema.module} if ema is not None else {})})
+    model, optimizer, val_loader = accelerator.prepare(model, optimizer, data.val_loader)
+    train_loader = data.train_loader if cfg.data_on_device else accelerator.prepare(data.train_loader)
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False)
+    craft_model = torch.compile(raw, **accelerator.state.dynamo_plugin.to_kwargs()) if cfg.compile else raw
+    scheduler = _scheduler(cfg, optimizer, math.ceil(len(train_loader) / cfg.grad_accum_steps))
+    state = TrainState({'model': raw, **({'ema': ema.module} if ema is not None else {})}, accelerator.device)
     for extra in (scheduler, ema, state):
         if extra is not None:
             accelerator.register_for_checkpointing(extra)
@@ -213,7 +241,7 @@ def _start_run(cfg: TrainConfig, resume: Union[None, bool, str], overwrite: bool
         accelerator.load_state(str(ckpt))
         state.restore_edl_caches()
         if not is_main:  # the saved sums are the all-rank totals; keep them once
-            state.sums = dict.fromkeys(SUMS, 0.0)
+            state.sums = state.zero_sums()
         if is_main:
             truncate_summary(output / 'summary.csv', state.epoch)
         log(f"resumed from {ckpt} (epoch {state.epoch}, batch {state.step_in_epoch}, "
@@ -224,8 +252,26 @@ def _start_run(cfg: TrainConfig, resume: Union[None, bool, str], overwrite: bool
         f"{len(edl_layers(raw))} EDL layers) on {info.display_name}, objective {cfg.objective}, eps {eps:.4g} "
         f"{cfg.norm}; {world} process(es) on {accelerator.device}, mixed precision {cfg.mixed_precision}, "
         f"global batch {cfg.batch_size * world * cfg.grad_accum_steps}; output {output}")
+    if cfg.val_split == 'test' and data.val_loader is not None:
+        log("val_split test: the test images are reported each epoch but select nothing (no best/ export)")
     return Run(
-        cfg=cfg, accelerator=accelerator, output=output, log=log, model=model, raw=raw, optimizer=optimizer,
+        cfg=cfg, accelerator=accelerator, output=output, log=log, model=model, raw=raw, craft_model=craft_model,
+        optimizer=optimizer,
         scheduler=scheduler, ema=ema, train_loader=train_loader, sampler=data.sampler, val_loader=val_loader,
         state=state, eps=eps, val_eps=cfg.val_eps if cfg.val_eps is not None else eps, info=info,
-        has_edl=has_edl, ddp_param_ids=ddp_param_ids, stage=stage)
+        has_edl=has_edl, ddp_param_ids=ddp_param_ids, stage=stage,
+        deadline=started + 60.0 * cfg.time_budget_min if cfg.time_budget_min is not None else None)
+
+
+def _scheduler(cfg: TrainConfig, optimizer, updates_per_epoch: int):
+    """timm's scheduler for the run's ``epochs``; with ``warmup_prefix`` the warmup comes first
+    and the main schedule spans the remaining ``epochs - warmup_epochs`` (so ``sched: poly``,
+    ``decay_rate: 1``, ``warmup_lr: 0`` is the one-cycle "triangle" of fast AT)."""
+    main_epochs = cfg.epochs - cfg.warmup_epochs if cfg.warmup_prefix else cfg.epochs
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=main_epochs, decay_epochs=cfg.decay_epochs,
+        decay_milestones=cfg.decay_milestones, decay_rate=cfg.decay_rate, min_lr=cfg.min_lr,
+        warmup_lr=cfg.warmup_lr, warmup_epochs=cfg.warmup_epochs, warmup_prefix=cfg.warmup_prefix,
+        step_on_epochs=not cfg.sched_on_updates, updates_per_epoch=updates_per_epoch)
+    return scheduler
+
