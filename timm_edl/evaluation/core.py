@@ -146,8 +146,7 @@ def _noise(run: _Run) -> _Outcome:
     c, s = run.config, run.setting
     attack = make_noise(threat_model=s.threat_model, eps=s.eps, draws=c.noise_draws, distribution=c.noise_dist,
                         seed=c.seed)
-    label = (f"Random noise ({c.noise_dist}, {c.noise_draws} draws per point; robust = correct under every "
-             f"draw)")
+    label = f"Random noise ({c.noise_dist}, {c.noise_draws} draws per point; robust = correct under every draw)"
     return run.correct_under(attack, 'noise'), label, dict(draws=c.noise_draws, distribution=c.noise_dist,
                                                            attack='noise')
 
@@ -201,6 +200,8 @@ def _transfer(run: _Run) -> _Outcome:
 
 
 class _Attack(NamedTuple):
+    """One row of the report: ``wanted(run)`` says whether the options ask for it,
+    ``run(run)`` measures it (see :func:`_run_attack`)."""
     key: str
     wanted: Callable[[_Run], bool]
     run: Callable[[_Run], _Outcome]
