@@ -120,7 +120,8 @@ def make_noise(*, threat_model: str, eps: float, draws: int, distribution: str, 
     if threat_model not in ('Linf', 'L2'):
         raise EvaluationError(f"the random-noise attack supports Linf and L2, not {threat_model}")
     if distribution not in NOISE_DISTRIBUTIONS:
-        raise EvaluationError(f"unknown noise distribution {distribution!r}; choose one of {', '.join(NOISE_DISTRIBUTIONS)}")
+        raise EvaluationError(f"unknown noise distribution {distribution!r}; choose one of "
+                              f"{', '.join(NOISE_DISTRIBUTIONS)}")
     generator = torch.Generator().manual_seed(seed)
     return partial(random_noise_attack, eps=eps, norm=threat_model, draws=draws, distribution=distribution,
                    generator=generator)
