@@ -53,14 +53,15 @@ demo: $(BIN)/.installed
 results: $(BIN)/.installed data
 	$(BIN)/python experiments/paper_claims.py --jobs 2
 
-# The elastic-regime decision (issue 11; about 4 hours on 2 cores, resumable): one cached JSON per job
+# The elastic-regime decision (about 4 hours on 2 cores, resumable): one cached JSON per job
 # in experiments/cache/elastic_decision/cpu/, the section 'elastic-decision' of docs/results.md.
 decision: $(BIN)/.installed data
 	$(BIN)/python experiments/elastic_decision.py --jobs 2
 
-# The zoo (issue 14; about 75 min on 2 cores, resumable): trains, evaluates, exports and ships every
+# The zoo (about 75 min on 2 cores, resumable): trains, evaluates, exports and ships every
 # pretrained EDLNet of the package (timm_edl/_zoo/), its card (hub_cards/) and docs/zoo.md + the README's
-# zoo table; one cached JSON + final weights per job in experiments/cache/zoo/cpu/ (experiments/zoo.py).
+# zoo table; one cached JSON + final folder per job in experiments/cache/zoo/cpu/, a shipped model's
+# weights stored once, in timm_edl/_zoo/ (experiments/zoo.py).
 zoo: $(BIN)/.installed data
 	$(BIN)/python experiments/zoo.py --jobs 2
 

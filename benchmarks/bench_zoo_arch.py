@@ -7,7 +7,7 @@ forward + backward + SGD step), for four networks on Fashion-MNIST-sized (1 x 28
 CIFAR-sized (3 x 32 x 32) random images:
 
 * ``resnet20 cifar-stem, all EDL``: He et al.'s CIFAR ResNet-20 (3 stages x 3 basic blocks,
-  16/32/64 channels, 3x3 stride-1 stem), every 3x3 conv an EDL layer (the issue's candidate:
+  16/32/64 channels, 3x3 stride-1 stem), every 3x3 conv an EDL layer (the natural candidate:
   ``edlnet_resnet18`` with ``layers=[3, 3, 3], channels=[16, 32, 64], stem_width=16``);
 * ``resnet20 cifar-stem, EDL blocks``: the same with a plain stem conv;
 * ``edlnet_resnet8_in`` (the zoo's choice): 3 stages x 1 block, 7x7 stride-2 stem + max-pool,

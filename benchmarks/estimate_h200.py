@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""What the release budget buys on one H200: an ESTIMATE from counted FLOPs and measured CPU
-ratios, not a measurement on the GPU.
+"""What ``make release-gpu``'s time budget (``--budget-min``) buys on one H200: an ESTIMATE from
+counted FLOPs and measured CPU ratios, not a measurement on the GPU.
 
     python benchmarks/estimate_h200.py --threads 1 --out docs/performance_h200.md
 
@@ -18,9 +18,9 @@ Measured here (on this machine's CPU, float32, ``--batch`` images):
 
 Assumed (every one a parameter, printed with the result):
 
-* the H200's ceiling: ``--ceiling-bf16`` TFLOP/s for the bf16 training step (default 788: the
-  8192^3 bf16 matrix product measured on one such machine of this workplace, tool library
-  KINDS.md; the datasheet's dense bf16 peak is about 990) and ``--ceiling-fp32`` for the
+* the H200's ceiling: ``--ceiling-bf16`` TFLOP/s for the bf16 training step (default 788: an
+  H200's measured bf16 rate on an 8192^3 matrix product; the datasheet's dense bf16 peak is
+  about 990) and ``--ceiling-fp32`` for the
   float32 evaluation, whose convolutions cuDNN runs as TF32 (default 394: the datasheet's
   dense TF32 peak, about 495, scaled by the same measured/datasheet factor 0.8);
 * the fraction of that ceiling the conv twin achieves: ``--fraction`` (default 0.25; ResNet-18
@@ -32,8 +32,8 @@ Assumed (every one a parameter, printed with the result):
 * the release run's sizes: 49,000 training images per epoch + PGD-10 validation on 1,000,
   10,000 test points for clean + PGD-20, AutoAttack standard on 1,000 points at
   ``release_gpu.aa_passes_per_point`` (85 % clean, 50 % robust assumed) attack passes per
-  point, the 100-point checks, and the default 8-minute budget (what fits one 10-minute device
-  command with the bootstrap) with 30 s of start-up.
+  point, the 100-point checks, and ``release_gpu.py``'s default ``--budget-min 8`` with 30 s of
+  start-up.
 """
 import argparse
 import os
@@ -192,7 +192,7 @@ def _span(a, b, key) -> str:
 def markdown(r, argv) -> str:
     f, m, a = r['flops_per_image'], r['measured'], r['assumed']
     lines = [
-        '## What a GPU loan buys: H200 estimate for `make release-gpu` (an estimate, not a measurement)',
+        "## What `make release-gpu`'s time budget buys on an H200 (an estimate, not a measurement)",
         '',
         'Written by `python benchmarks/estimate_h200.py ' + ' '.join(argv) + '` into '
         '`docs/performance_h200.md`; `benchmarks/run_all.py` appends that file here, so `make bench` keeps it. '
@@ -214,8 +214,8 @@ def markdown(r, argv) -> str:
                      f"{m[u]['flop_ratio']:.2f} | {m[u]['time_ratio']:.2f} | {m[u]['quotient']:.2f} |")
     lines += [
         '',
-        f"Assumed: ceiling {a['ceiling_bf16_tflops']:.0f} TFLOP/s for bf16 training (the 8192^3 bf16 matmul "
-        f"measured on this workplace's H200, tool library KINDS.md; datasheet dense peak ~990) and "
+        f"Assumed: ceiling {a['ceiling_bf16_tflops']:.0f} TFLOP/s for bf16 training (an H200's measured "
+        f"bf16 rate on an 8192^3 matmul; datasheet dense peak ~990) and "
         f"{a['ceiling_fp32_tflops']:.0f} TFLOP/s for the float32 evaluation (TF32 convolutions; datasheet "
         f"dense TF32 ~495 x 0.8); the conv twin achieves **{100 * a['fraction']:.0f} %** of it (assumed, "
         f"not measured); EDL (a) at the same fraction, (b) slower by the CPU quotient. AutoAttack standard: "

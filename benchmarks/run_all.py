@@ -79,7 +79,7 @@ def _variant(cmd) -> str:
 
 
 def summary(outputs) -> str:
-    """The targets of the performance issue next to what the runs below measured.
+    """The performance targets next to what the runs below measured.
 
     Quotient = measured time ratio / counted FLOP ratio (1: the EDL layers cost exactly
     their extra convolutions).  Every value is read from the JSON the scripts wrote.

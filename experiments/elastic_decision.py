@@ -19,7 +19,7 @@ per-point comparisons on the same test points (McNemar's exact test) for elastic
 and elastic vs conv, beta per layer over epochs (plots), and the decision.
 
 Each (dataset, arm, seed) is one job: train, evaluate, measure, then cache one JSON in
-``experiments/cache/elastic_decision/<size>/`` (committed, so a later session resumes from
+``experiments/cache/elastic_decision/<size>/`` (committed, so any later run resumes from
 it); weights and logs go to ``runs/elastic_decision/`` (not committed).  Jobs run seed 0 of
 every arm first, then the other seeds, ``--jobs`` at a time; re-running skips cached jobs
 and a cached job made with other settings is an error.  The report is the section
@@ -46,10 +46,12 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import paper_claims as pc
+from _jobs import (REPO, CacheMismatch, git_commit, init_worker, machine_info, parse_experiment_args, read_cached,
+                   run_eval_job, run_train_job, single_thread, write_json)
 from _sections import write_section
+from claims_results import fmt_pm
+from claims_setup import DATASETS
 
-REPO = pc.REPO
 SECTION = 'elastic-decision'
 CACHE_VERSION = 1
 
@@ -106,7 +108,7 @@ MAIN = [a for a, spec in ARMS.items() if spec[4]]
 def job_spec(size: Size, ds: str, arm: str, seed: int) -> dict[str, Any]:
     """What one job does (recorded in its cache; a cache made otherwise is an error)."""
     _, model_overrides, two_stage, beta_init, _ = ARMS[arm]
-    info = pc.DATASETS[ds]
+    info = DATASETS[ds]
     overrides = [
         '--train-n-ex', str(size.train_n_ex), '--epochs', str(size.epochs), '--batch-size', '128',
         '--val-every', '1', '--val-split', 'holdout', '--val-n-ex', str(size.val_n_ex), '--val-attack-steps', '10',
@@ -151,7 +153,7 @@ def backfill_raw_betas(cache: Path, run_dir: Path, data: dict[str, Any]) -> dict
     source = run_dir / 'eval_aa.json'
     if 'edl_beta_raw' not in report and source.exists():
         report['edl_beta_raw'] = _raw_betas(json.loads(source.read_text())['report'])
-        pc._write_json(cache, data)
+        write_json(cache, data)
     return data
 
 
@@ -186,10 +188,10 @@ def train_and_evaluate(job_dir: str, spec: dict[str, Any], keep=lambda report: r
     """``timm-edl train`` on ``spec['recipe']`` + ``spec['overrides']``, then each ``timm-edl eval``
     of ``spec['evals']`` on the final weights: ``(train result, {name: {report, wall_seconds, command}})``
     with each report passed through ``keep``."""
-    train = pc.run_train_job(job_dir, {'kind': 'train', 'recipe': spec['recipe'], 'overrides': spec['overrides']})
+    train = run_train_job(job_dir, {'kind': 'train', 'recipe': spec['recipe'], 'overrides': spec['overrides']})
     evals = {}
     for name, argv in spec['evals'].items():
-        data = pc.run_eval_job(job_dir, {'kind': 'eval', 'name': name, 'weights': 'final', 'argv': argv})
+        data = run_eval_job(job_dir, {'kind': 'eval', 'name': name, 'weights': 'final', 'argv': argv})
         evals[name] = {'report': keep(data['report']), 'wall_seconds': data['wall_seconds'],
                        'command': data['command'].replace(str(REPO) + '/', '')}
     return train, evals
@@ -197,19 +199,19 @@ def train_and_evaluate(job_dir: str, spec: dict[str, Any], keep=lambda report: r
 
 def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Train, evaluate and measure one (dataset, arm, seed); cache one JSON (worker process)."""
-    pc._single_thread()
+    single_thread()
     from timm_edl.threat import parse_eps
     started = time.time()
     job = Path(job_dir)
     train, evals = train_and_evaluate(job_dir, spec, _report_subset)
-    grads = beta_gradients(job / 'train' / 'final', spec['dataset'], parse_eps(pc.DATASETS[spec['dataset']]['eps']),
+    grads = beta_gradients(job / 'train' / 'final', spec['dataset'], parse_eps(DATASETS[spec['dataset']]['eps']),
                            spec['size']['beta_grad_n'], spec['seed'])
     result = {'spec': spec, 'train': {k: train[k] for k in ('wall_seconds', 'best_epoch', 'best_metric', 'epochs')},
               'evals': evals, 'beta_grad': grads, 'wall_seconds': time.time() - started,
-              'commit': pc._git_commit(), 'machine': pc._machine(),
+              'commit': git_commit(), 'machine': machine_info(),
               'finished': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}
     Path(cache).parent.mkdir(parents=True, exist_ok=True)
-    pc._write_json(Path(cache), result)
+    write_json(Path(cache), result)
     return result
 
 
@@ -232,13 +234,13 @@ def run_jobs(jobs, n_workers: int, log, worker=None) -> int:
     """Run the uncached jobs, ``n_workers`` at a time, in plan order, each as
     ``worker(job_dir, cache, spec)`` (default :func:`run_job`); returns the number failed."""
     worker = worker or run_job
-    todo = [j for j in jobs if pc._read_cached(j[2], j[3]) is None]
+    todo = [j for j in jobs if read_cached(j[2], j[3]) is None]
     log(f"{len(jobs)} jobs, {len(jobs) - len(todo)} cached, {len(todo)} to run with {n_workers} worker(s)")
     failed = 0
     started = time.time()
     import multiprocessing as mp
     with ProcessPoolExecutor(max_workers=max(n_workers, 1), mp_context=mp.get_context('spawn'),
-                             initializer=pc._init_worker) as pool:
+                             initializer=init_worker) as pool:
         running = {}
         while todo or running:
             while todo and len(running) < max(n_workers, 1):
@@ -334,7 +336,7 @@ def plot_betas(by: dict, datasets, plot_dir: Path) -> str | None:
                             alpha=0.8, linestyle=['-', '--', ':'][s % 3],
                             label=name[len('train_beta/'):] if s == 0 else None)
             ax.axvline(result['spec']['size']['elastic_from'] + 0.5, color='grey', lw=0.8)
-            ax.set_title(f"{pc.DATASETS[ds]['label']}: {ARMS[arm][0]}", fontsize=8)
+            ax.set_title(f"{DATASETS[ds]['label']}: {ARMS[arm][0]}", fontsize=8)
             ax.set_xlabel('epoch')
             ax.set_ylim(-0.05, 1.05)
             if j == 0:
@@ -352,7 +354,7 @@ def report(size: Size, jobs, out_md: Path, meta: dict[str, str]) -> str:
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     missing = []
     for key, job_dir, cache, spec in jobs:
-        data = pc._read_cached(cache, spec)
+        data = read_cached(cache, spec)
         if data is None:
             missing.append(key)
         else:
@@ -384,8 +386,8 @@ def report(size: Size, jobs, out_md: Path, meta: dict[str, str]) -> str:
           f"AutoAttack {size.aa_attacks or 'standard'} with PGD-20, noise and every masking check on the first "
           f"{size.aa_n} ('AA'). Values: mean ± std over seeds (n = seeds), in %.", '']
     for ds in size.datasets:
-        label = pc.DATASETS[ds]['label']
-        L += [f'### {label} (Linf eps = {pc.DATASETS[ds]["eps"]})', '',
+        label = DATASETS[ds]['label']
+        L += [f'### {label} (Linf eps = {DATASETS[ds]["eps"]})', '',
               '| arm | n | clean (full) | PGD-20 (full) | clean (AA pts) | PGD-20 (AA pts) | AutoAttack | '
               'AA - PGD | final beta (mean over layers) | beta before the clamp (min / max layer) | checks |',
               '|---|---|---|---|---|---|---|---|---|---|---|']
@@ -397,14 +399,14 @@ def report(size: Size, jobs, out_md: Path, meta: dict[str, str]) -> str:
             gaps = [None if (a is None or p is None) else a - p
                     for a, p in zip(_acc(rs, 'aa', 'autoattack_acc'), _acc(rs, 'aa', 'pgd_acc'))]
             betas = [_final_betas(r) for r in rs]
-            beta_txt = (pc.fmt_pm([sum(b.values()) / len(b) for b in betas], scale=1.0, digits=3)
+            beta_txt = (fmt_pm([sum(b.values()) / len(b) for b in betas], scale=1.0, digits=3)
                         if all(betas) else '-')
             raw = [v for r in rs for v in (r['evals']['aa']['report'].get('edl_beta_raw') or {}).values()]
             raw_txt = f'{min(raw):.3f} / {max(raw):.3f}' if raw else '-'
-            L.append(f"| {spec[0]} | {len(rs)} | {pc.fmt_pm(_acc(rs, 'full', 'clean_acc'))} | "
-                     f"{pc.fmt_pm(_acc(rs, 'full', 'pgd_acc'))} | {pc.fmt_pm(_acc(rs, 'aa', 'clean_acc'))} | "
-                     f"{pc.fmt_pm(_acc(rs, 'aa', 'pgd_acc'))} | {pc.fmt_pm(_acc(rs, 'aa', 'autoattack_acc'))} | "
-                     f"{pc.fmt_pm(gaps)} | {beta_txt} | {raw_txt} | {_checks(rs)} |")
+            L.append(f"| {spec[0]} | {len(rs)} | {fmt_pm(_acc(rs, 'full', 'clean_acc'))} | "
+                     f"{fmt_pm(_acc(rs, 'full', 'pgd_acc'))} | {fmt_pm(_acc(rs, 'aa', 'clean_acc'))} | "
+                     f"{fmt_pm(_acc(rs, 'aa', 'pgd_acc'))} | {fmt_pm(_acc(rs, 'aa', 'autoattack_acc'))} | "
+                     f"{fmt_pm(gaps)} | {beta_txt} | {raw_txt} | {_checks(rs)} |")
         L += ['', f'Paired per-point comparisons on the same test points ({label}), seed s against seed s, '
                   'pooled over the seed pairs: b = points only the first model gets right, c = only the second; '
                   "McNemar's exact two-sided p.", '',
@@ -448,12 +450,12 @@ def decision(size: Size, by) -> list[str]:
         e, v = by.get((ds, 'elastic'), []), by.get((ds, 'vanilla'), [])
         res = paired(e, v, 'aa', 'autoattack')
         if res is None:
-            lines.append(f"* {pc.DATASETS[ds]['label']}: not enough runs yet.")
+            lines.append(f"* {DATASETS[ds]['label']}: not enough runs yet.")
             verdicts.append(None)
             continue
         ok = res['diff'] > 0 and res['p'] < 0.05 and _checks(e) == 'passed'
         verdicts.append(ok)
-        lines.append(f"* {pc.DATASETS[ds]['label']}: elastic - vanilla = {res['diff']:+.2f} points of AutoAttack "
+        lines.append(f"* {DATASETS[ds]['label']}: elastic - vanilla = {res['diff']:+.2f} points of AutoAttack "
                      f"accuracy ({res['pairs']} seed pair(s), p = {_fmt_p(res['p'])}), elastic checks "
                      f"{_checks(e)}: {'elastic wins' if ok else 'no win for elastic'}.")
     pairs = min((len(by.get((ds, 'elastic'), [])) for ds in size.datasets), default=0)
@@ -488,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv, args = pc.parse_experiment_args(build_parser(), argv)
+    argv, args = parse_experiment_args(build_parser(), argv)
     size = SIZES[args.size]
     cache_dir = Path(args.cache_dir or REPO / 'experiments' / 'cache' / 'elastic_decision' / size.name)
     run_dir = Path(args.run_dir or REPO / 'runs' / 'elastic_decision' / size.name)
@@ -500,11 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs = plan(size, cache_dir, run_dir)
     failed = 0
     if not args.report_only:
-        todo = [j for j in jobs if pc._read_cached(j[2], j[3]) is None]
+        todo = [j for j in jobs if read_cached(j[2], j[3]) is None]
         selected = todo[:args.max_jobs] if args.max_jobs is not None else todo
         try:
             failed = run_jobs([j for j in jobs if j not in todo or j in selected], args.jobs, log)
-        except pc.CacheMismatch as e:
+        except CacheMismatch as e:
             raise SystemExit(f"elastic_decision: {e}") from None
     default_dirs = args.cache_dir is None and args.run_dir is None
     command = ('make decision' if size.name == 'cpu' and default_dirs else
@@ -513,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     info = {'command': command, 'cache_dir': os.path.relpath(cache_dir, REPO)}
     try:
         body = report(size, jobs, out_md, info)
-    except pc.CacheMismatch as e:
+    except CacheMismatch as e:
         raise SystemExit(f"elastic_decision: {e}") from None
     write_section(out_md, SECTION, body)
     log(f"wrote section '{SECTION}' of {out_md}")

@@ -8,10 +8,11 @@ commands (``timm_edl.train`` on the recipe, ``timm-edl eval``):
 
 Every model gets two evaluations: clean + PGD-20 on the whole test set, and AutoAttack
 standard + PGD-20 + noise + every gradient-masking check on the first 1,000 test points.
-A finished job is one JSON in ``experiments/cache/zoo/<dataset>/<arm>.json`` (spec, training
+A finished job is one JSON in ``experiments/cache/zoo/<size>/<dataset>/<arm>.json`` (spec, training
 curve, both evaluation reports, wall time, commit, machine) plus its final weights folder
-``<arm>_final/`` (committed: a later session resumes from them and never retrains); runs go
-to ``runs/zoo/`` (not committed).  A cached job made with other settings is an error.
+``<arm>_final/`` (config.json and model.safetensors); the cache is committed, so any later run
+resumes from it and never retrains.  Runs go to ``runs/zoo/`` (not committed).  A cached job
+made with other settings is an error.
 
 Then, from the cache only, for each dataset whose two jobs are done and whose checks all pass:
 
@@ -19,7 +20,9 @@ Then, from the cache only, for each dataset whose two jobs are done and whose ch
   numbers on the same points, card to ``hub_cards/<model_name>.md``;
 * its ``model.safetensors`` copied to ``timm_edl/_zoo/<model_name>.safetensors`` and recorded
   (sha256, bytes, commit, wall times) in ``timm_edl/_zoo/manifest.json``, which makes
-  ``timm.create_model('<model_name>', pretrained=True)`` load it;
+  ``timm.create_model('<model_name>', pretrained=True)`` load it; the package copy is then the
+  only one: the cache's ``edl_final/model.safetensors`` is removed, and shipping again reads
+  the package file, checked against the sha256 in ``edl_final/config.json``;
 * ``docs/zoo.md`` (zoo table, curves, per-check status) and the README's zoo table.
 
 ::
@@ -44,10 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import elastic_decision as ed
-import paper_claims as pc
+from _jobs import REPO, git_commit, machine_info, read_cached, single_thread, write_json
 from _sections import write_section
 
-REPO = pc.REPO
 CACHE_VERSION = 1
 ARCH = 'edlnet_resnet8_in'
 ARMS = {'edl': [], 'conv': ['--model-kwargs.edl_layers', 'none']}
@@ -103,7 +105,7 @@ def job_spec(size: Size, ds: str, arm: str) -> dict[str, Any]:
 
 def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     """Train and evaluate one (dataset, arm); cache its JSON and final weights (worker process)."""
-    pc._single_thread()
+    single_thread()
     started = time.time()
     job = Path(job_dir)
     train, evals = ed.train_and_evaluate(job_dir, spec)
@@ -117,9 +119,9 @@ def run_job(job_dir: str, cache: str, spec: dict[str, Any]) -> dict[str, Any]:
     result = {'spec': spec, 'train': {k: train[k] for k in ('wall_seconds', 'cpu_seconds', 'epochs')},
               'train_command': f"timm-edl train --config {spec['recipe']} "
                                + ' '.join(map(shlex.quote, spec['overrides'])),
-              'evals': evals, 'wall_seconds': time.time() - started, 'commit': pc._git_commit(),
-              'machine': pc._machine(), 'finished': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}
-    pc._write_json(cache, result)
+              'evals': evals, 'wall_seconds': time.time() - started, 'commit': git_commit(),
+              'machine': machine_info(), 'finished': dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}
+    write_json(cache, result)
     return result
 
 
@@ -135,10 +137,41 @@ def _cached(jobs, ds: str) -> dict[str, dict[str, Any]]:
     out = {}
     for key, _, cache, spec in jobs:
         if spec['dataset'] == ds:
-            data = pc._read_cached(cache, spec)
+            data = read_cached(cache, spec)
             if data is not None:
                 out[spec['arm']] = dict(data, final=cache.with_name(cache.stem + '_final'))
     return out
+
+
+def final_folder(final: Path, shipped: Path, work: Path) -> Path:
+    """A ``local-dir`` folder of a cached job's final weights: ``final`` itself when it holds
+    ``model.safetensors``; else (a shipped model, whose one stored copy is the package's) ``work``
+    with ``final/config.json`` and the package copy ``shipped``, checked against the sha256 that
+    config.json recorded when training wrote the weights."""
+    from timm_edl.weights import file_sha256
+    if (final / 'model.safetensors').is_file():
+        return final
+    config = json.loads((final / 'config.json').read_text())
+    sha = (config.get('timm_edl') or {}).get('weights_sha256')
+    if not shipped.is_file() or file_sha256(shipped) != sha:
+        raise RuntimeError(f"{final} has no model.safetensors and the package copy {shipped} "
+                           f"{'is missing' if not shipped.is_file() else 'does not match its sha256 ' + str(sha)}: "
+                           f"restore the file from git (git checkout -- {shipped}), or delete {final} and its "
+                           f"cached JSON to train the job again")
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(final / 'config.json', work / 'config.json')
+    shutil.copy2(shipped, work / 'model.safetensors')
+    return work
+
+
+def drop_cached_weights(final: Path, shipped: Path, log) -> None:
+    """Keep one copy of a shipped model's weights, the package's: remove ``final/model.safetensors``
+    when it is byte-identical to ``shipped`` (:func:`final_folder` finds it there by its sha256)."""
+    from timm_edl.weights import file_sha256
+    cached = final / 'model.safetensors'
+    if cached.is_file() and file_sha256(cached) == file_sha256(shipped):
+        cached.unlink()
+        log(f"{final}: weights kept once, in the package ({shipped.name})")
 
 
 def _rel(command: str) -> str:
@@ -155,7 +188,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _machine_text(m: dict[str, Any]) -> str:
-    """Jobs run one thread each (``paper_claims._single_thread``), ``--jobs`` of them side by side."""
+    """Jobs run one thread each (``_jobs.single_thread``), ``--jobs`` of them side by side."""
     return f"{m.get('cpu', 'CPU')} ({m.get('cores', '?')} cores), one thread per job, no GPU" if m else 'unknown'
 
 
@@ -244,19 +277,20 @@ def ship(ds: str, jobs, args, run_dir: Path, zoo_dir: Path, log) -> dict[str, An
         return None
     name = model_name(ds)
     work = run_dir / 'ship' / name
+    target = zoo_dir / f'{name}.safetensors'
+    source = final_folder(edl['final'], target, work / 'final')
     edl_jsons = _write_eval_jsons(work / 'edl', edl)
     conv_jsons = _write_eval_jsons(work / 'conv', conv)
     notes = work / 'card_notes.md'
     notes.write_text(card_notes(ds, edl, conv))
     out = work / 'export'
-    argv = (['--model', f"local-dir:{edl['final']}", '--eval-results', *map(str, edl_jsons),
+    argv = (['--model', f"local-dir:{source}", '--eval-results', *map(str, edl_jsons),
              '--compare-results', *[f'conv twin (edl_layers: none, same recipe)={p}' for p in conv_jsons],
              '--card-notes', str(notes), '--model-name', name, '--out', str(out), '--overwrite',
              '--card-dir', str(args.card_dir)])
     if export_main(argv) != 0:
         raise RuntimeError(f"timm-edl export {' '.join(map(shlex.quote, argv))} failed")
     zoo_dir.mkdir(parents=True, exist_ok=True)
-    target = zoo_dir / f'{name}.safetensors'
     shutil.copy2(out / 'model.safetensors', target)
     entry = {'file': target.name, 'sha256': file_sha256(target), 'bytes': target.stat().st_size,
              'recipe': edl['spec']['recipe'], 'train_command': edl['train_command'],
@@ -270,6 +304,7 @@ def ship(ds: str, jobs, args, run_dir: Path, zoo_dir: Path, log) -> dict[str, An
     tmp.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + '\n')
     tmp.replace(manifest)
     log(f"{ds}: shipped {name} ({entry['bytes']:,} bytes, sha256 {entry['sha256'][:16]}...)")
+    drop_cached_weights(edl['final'], target, log)
     return {'name': name, 'ds': ds, 'edl': edl, 'conv': conv, 'entry': entry}
 
 

@@ -1,6 +1,7 @@
 """timm_edl.convert: conv -> EDL conversion of timm / torchvision CNNs, the function-preserving
-setting, the timm API after conversion, switching to the EDL regime, and the
-``timm_edl_conversion`` block that lets timm_edl.hub.load rebuild a converted model."""
+setting, the timm API after conversion, switching to the EDL regime, and the conversion
+block that the ``edl_converted`` architecture applies, so that timm's own loaders (and
+timm_edl.hub.load) rebuild a converted model from its export."""
 import json
 import shutil
 
@@ -12,6 +13,7 @@ import torchvision
 
 import timm
 from timm_edl import EDLConv2d, hub, set_beta_mode
+from conftest import publish_to_cache
 from timm_edl.cli.convert import main as convert_main
 from timm_edl.convert import (
     PRESERVE_FUNCTION, apply_conversion, conversion_config, convert_to_edl, edl_layer_config,
@@ -211,15 +213,16 @@ def test_converted_timm_model_export_and_load(tmp_path):
     y = out(model, x)
     folder = hub.export(model, tmp_path / 'out')
     config = json.loads((folder / 'config.json').read_text())
-    assert config['architecture'] == 'resnet18' and config['model_args']['num_classes'] == 10
+    assert config['architecture'] == 'edl_converted' and config['model_args']['num_classes'] == 10
+    assert config['model_args']['base_model'] == 'resnet18'
     assert config['timm_edl']['model_name'] == 'resnet18_edl.a1_in1k'
-    assert config['timm_edl_conversion']['layers'] == [n for n, _ in edl_layers(model)]
+    assert config['model_args']['conversion']['layers'] == [n for n, _ in edl_layers(model)]
     restored = hub.load(f'local-dir:{folder}')
     assert torch.equal(out(restored, x), y)
     assert tuple(restored.pretrained_cfg['mean']) == tuple(model.pretrained_cfg['mean'])
     assert 'hub.load' in (folder / 'README.md').read_text()
-    with pytest.raises(RuntimeError, match='beta'):  # plain timm builds the unconverted net and refuses
-        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    plain = timm.create_model(f'local-dir:{folder}', pretrained=True)  # timm alone rebuilds the converted net
+    assert type(plain) is type(model) and torch.equal(out(plain, x), y)
     feats = hub.load(f'local-dir:{folder}', features_only=True, out_indices=(2, 4))
     assert [f.shape[1] for f in out(feats, x)] == [128, 512]
     with pytest.raises(hub.ExportError, match='timm.create_model'):
@@ -276,15 +279,15 @@ def test_convert_cli(tmp_path, monkeypatch, capsys):
                          '--edl-cfg', 'num_steps=3', 'beta_learnable=false', '--model-name', 'resnet18_stem',
                          '--out', str(tmp_path / 'b')]) == 0
     config = json.loads((tmp_path / 'b' / 'config.json').read_text())
-    block = config['timm_edl_conversion']
+    block = config['model_args']['conversion']
     assert block['layers'] == ['conv1'] and block['edl_cfg']['num_steps'] == 3
     assert block['edl_cfg']['beta_learnable'] is False and block['edl_cfg']['normalize_atoms'] is True
     assert config['timm_edl']['model_name'] == 'resnet18_stem'
     assert torch.equal(hub.load(str(tmp_path / 'b')).layer1[0].conv1.weight, source.layer1[0].conv1.weight)
 
-    assert convert_main(['--model', 'resnet18', '--out', str(tmp_path / 'b')]) == 1  # not empty
+    assert convert_main(['--model', 'resnet18', '--out', str(tmp_path / 'b')]) == 2  # not empty: a usage error
     assert 'not empty' in capsys.readouterr().err
-    assert convert_main(['--model', 'resnet18', '--policy', 're:^nothing$', '--out', str(tmp_path / 'c')]) == 1
+    assert convert_main(['--model', 'resnet18', '--policy', 're:^nothing$', '--out', str(tmp_path / 'c')]) == 2
     assert 'selects no convertible' in capsys.readouterr().err
 
 
@@ -302,3 +305,69 @@ def test_conversion_blocks_recorded_before_init_and_reweight_keep_the_original_l
     assert (model.conv1.init, model.conv1.reweight, model.conv1.eps) == ('ista', 'scale_free', 0.1)
     # options given by a user (not spelled out) get today's defaults
     assert timm.create_model('edlnet_resnet18', edl_cfg=dict(beta=0.5)).conv1.reweight == 'scale_free'
+
+
+# ----------------------------------------------------------------------------- timm's own loaders
+
+def _converted_export(tmp_path):
+    """A resnet18 converted with two sets of layer options, its export and its logits."""
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model('resnet18', num_classes=10))
+    convert_to_edl(model, 'stem', preserve_function=True)
+    convert_to_edl(model, 'blocks', num_steps=2, lam=0.05)
+    x = images(2, 3, 32, 32)
+    return model, x, out(model, x), hub.export(model, tmp_path / 'export')
+
+
+def test_converted_export_loads_through_timm_hf_hub_offline(tmp_path, hub_cache):
+    model, x, y, folder = _converted_export(tmp_path)
+    repo = 'someone/resnet18_edl'
+    publish_to_cache(folder, repo, hub_cache)
+    loaded = timm.create_model(f'hf-hub:{repo}', pretrained=True)
+    assert type(loaded) is type(model) and torch.equal(out(loaded, x), y)
+    assert loaded.pretrained_cfg['hf_hub_id'] == repo and loaded.pretrained_cfg['architecture'] == 'edl_converted'
+    assert torch.equal(out(hub.load(f'hf-hub:{repo}'), x), y)
+    new_head = timm.create_model(f'hf-hub:{repo}', pretrained=True, num_classes=3)  # timm's fine-tuning rule
+    assert out(new_head, x).shape == (2, 3)
+    assert torch.equal(new_head.layer4[1].conv2.weight, model.layer4[1].conv2.weight)
+
+
+def test_convert_cli_export_loads_through_timm_local_dir(tmp_path):
+    """``timm-edl convert --model resnet18 --out DIR``: plain timm rebuilds the converted network."""
+    torch.manual_seed(0)
+    source = randomize_bn(timm.create_model('resnet18'))
+    weights = tmp_path / 'resnet18.safetensors'
+    safetensors.torch.save_file(source.state_dict(), str(weights))
+    folder = tmp_path / 'resnet18_edl'
+    assert convert_main(['--model', 'resnet18', '--checkpoint', str(weights), '--out', str(folder)]) == 0
+    assert json.loads((folder / 'config.json').read_text())['model_args']['base_model'] == 'resnet18'
+    x = images(2, 3, 32, 32)
+    loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert len(edl_layers(loaded)) == 17
+    assert rel_err(out(loaded, x), out(source, x)) <= 1e-4  # the function-preserving conversion of `source`
+    assert torch.equal(out(loaded, x), out(hub.load(str(folder)), x))
+
+
+def test_exports_naming_the_base_architecture_still_load(tmp_path):
+    """Exports of earlier releases: ``architecture: resnet18`` plus a ``timm_edl_conversion`` block."""
+    model, x, y, folder = _converted_export(tmp_path)
+    config = json.loads((folder / 'config.json').read_text())
+    args = dict(config['model_args'])
+    old = dict(config, architecture=args.pop('base_model'), timm_edl_conversion=args.pop('conversion'), model_args=args)
+    (folder / 'config.json').write_text(json.dumps(old))
+    assert torch.equal(out(hub.load(str(folder)), x), y)
+    assert torch.equal(out(hub.resolve_model(str(folder / 'model.safetensors'))[0], x), y)
+    assert hub.verify_export(folder)['architecture'] == 'resnet18'
+
+
+def test_edl_converted_checks_its_arguments_and_weights(tmp_path):
+    with pytest.raises(ValueError, match='base_model=<timm architecture name> and conversion='):
+        timm.create_model('edl_converted')
+    with pytest.raises(ValueError, match='not a timm architecture'):
+        timm.create_model('edl_converted', base_model='resnet_nope', conversion={'layers': [], 'edl_cfg': {}})
+    model, x, y, folder = _converted_export(tmp_path)
+    (folder / 'model.safetensors').unlink()
+    torch.save(model.state_dict(), folder / 'pytorch_model.bin')
+    with pytest.raises(hub.UnsafeCheckpointError, match='pytorch_model.bin'):  # the pickle gate, as for EDLNets
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert torch.equal(out(timm.create_model(f'local-dir:{folder}', pretrained=True, allow_pickle=True), x), y)

@@ -16,10 +16,8 @@ def test_short_demo_runs_end_to_end(tmp_path, capsys):
     assert 'model-index' in card and 'adversarial-robustness' in card
     reports = list((out / 'eval' / 'edlnet').glob('*.json'))
     assert len(reports) == 1 and json.loads(reports[0].read_text())['n_ex'] == 16
-    # a second run refuses to overwrite the first without --overwrite
-    try:
-        demo.main(['--out', str(out), '--epochs', '1', '--train-n-ex', '600', '--n-ex', '16'])
-    except SystemExit as error:
-        assert 'overwrite' in str(error)
-    else:
-        raise AssertionError('the demo overwrote an earlier run')
+    # a second run refuses to overwrite the first without --overwrite (a usage error: exit status 2)
+    stamp = (export / 'model.safetensors').stat().st_mtime_ns
+    assert demo.main(['--out', str(out), '--epochs', '1', '--train-n-ex', '600', '--n-ex', '16']) == 2
+    assert '--overwrite' in capsys.readouterr().err
+    assert (export / 'model.safetensors').stat().st_mtime_ns == stamp

@@ -599,7 +599,7 @@ def test_export_cli(exported, tmp_path, capsys):
     assert export_main(args) == 0
     assert (tmp_path / 'cards' / 'edlnet_resnet18.cli.md').is_file()
     assert torch.equal(logits(hub.load(str(tmp_path / 'out')), exported['x']), exported['y'])
-    assert export_main(args) == 1  # the folder is not empty now
+    assert export_main(args) == 2  # the folder is not empty now: a usage error
     assert 'not empty' in capsys.readouterr().err
     # re-export an export (e.g. to attach new results) from local-dir:
     assert export_main(['--model', f"local-dir:{tmp_path / 'out'}", '--out', str(tmp_path / 'again')]) == 0
@@ -609,7 +609,7 @@ def test_export_cli(exported, tmp_path, capsys):
     pth = tmp_path / 'w.pth'
     torch.save(exported['model'].state_dict(), pth)
     assert export_main(['--model', 'edlnet_resnet18', '--model-kwargs', 'widths=[8,16,32,64]',
-                            'stem_width=8', '--checkpoint', str(pth), '--out', str(tmp_path / 'y')]) == 1
+                            'stem_width=8', '--checkpoint', str(pth), '--out', str(tmp_path / 'y')]) == 2
     assert 'allow_pickle' in capsys.readouterr().err
 
 
@@ -670,3 +670,30 @@ def test_export_made_before_init_and_reweight_loads_and_computes_the_same():
     state = safetensors.torch.load_file(str(folder / 'export' / 'model.safetensors'))
     today.load_state_dict(state)
     assert not torch.allclose(logits(today, expected['x']), expected['logits'], atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- one weights path, one spec error
+
+def test_load_checkpoint_keeps_the_head_only_when_asked(exported):
+    """timm's fine-tuning rule, in the one function that loads weights: a classifier trained for
+    another number of classes stays as built with ``new_head=True``, and is an error otherwise."""
+    weights = exported['folder'] / 'model.safetensors'
+    model = tiny_edlnet(num_classes=3)
+    head = model.fc.weight.detach().clone()
+    with pytest.raises(hub.StateDictMismatchError, match=r'fc\.weight weights \[10, 64\] vs model \[3, 64\]'):
+        hub.load_checkpoint(model, weights)
+    assert hub.load_checkpoint(model, weights, new_head=True) == ['fc.weight', 'fc.bias']
+    assert torch.equal(model.fc.weight, head)
+    assert torch.equal(model.layer4[1].conv2.weight, exported['model'].layer4[1].conv2.weight)
+    assert hub.load_checkpoint(tiny_edlnet(), weights, new_head=True) == []  # same classes: the head loads
+
+
+def test_one_model_spec_error_for_every_command():
+    from timm_edl.evaluation import EvaluationError, load_model
+    from timm_edl.evaluation import models as evaluation_models
+    assert evaluation_models.ModelSpecError is hub.ModelSpecError and issubclass(hub.ModelSpecError, ValueError)
+    with pytest.raises(hub.ModelSpecError, match="unknown model 'edlnet_resnet19'"):
+        hub.resolve_model('edlnet_resnet19')
+    with pytest.raises(EvaluationError, match="unknown model 'edlnet_resnet19'") as info:
+        load_model('edlnet_resnet19')
+    assert isinstance(info.value.__cause__, hub.ModelSpecError)

@@ -1,12 +1,16 @@
-"""The package's layout rules, read from the source with ``ast`` (nothing is imported):
-no import circle between modules (imports inside functions count too), no module over
-600 lines, and the model and layer files reach no code of :mod:`timm_edl.hub`."""
+"""The layout rules, read from the source with ``ast`` (nothing is imported): no import circle
+between the package's modules (imports inside functions count too) nor between the scripts of
+``experiments/`` and ``benchmarks/`` (which import each other by file name), no Python file of
+the package, ``experiments/`` or ``benchmarks/`` over 600 lines, and the model and layer files
+reach no code of :mod:`timm_edl.hub`."""
 import ast
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / 'timm_edl'
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / 'timm_edl'
+SCRIPT_DIRS = ('experiments', 'benchmarks')  # scripts run with their folder on sys.path
 MAX_LINES = 600
 
 
@@ -101,7 +105,39 @@ def test_model_code_reaches_no_hub_code(name):
     assert not [m for m in seen if m.startswith(('timm_edl.hub', 'timm_edl.cli'))]
 
 
-def test_no_module_is_too_long_to_read_at_once():
-    long = {name: n for name, path in _modules().items()
+def _scripts() -> dict:
+    return {p.stem: p for d in SCRIPT_DIRS for p in sorted((ROOT / d).glob('*.py'))}
+
+
+def _script_graph() -> dict:
+    """The scripts each script of ``experiments/`` and ``benchmarks/`` imports (by file name)."""
+    scripts = _scripts()
+    graph = {}
+    for name, path in scripts.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+            if isinstance(node, ast.Import):
+                targets |= {a.name.split('.')[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                targets.add(node.module.split('.')[0])
+        graph[name] = {t for t in targets if t in scripts and t != name}
+    return graph
+
+
+def test_the_script_graph_is_read():
+    graph = _script_graph()
+    assert 'claims_document' in graph['paper_claims'] and 'claims_effect' in graph['claims_document']
+    assert 'elastic_decision' in graph['zoo'] and '_timing' in graph['bench_attack']
+
+
+def test_no_import_circle_between_scripts():
+    cycle = _cycle(_script_graph())
+    assert cycle is None, 'import circle: ' + ' -> '.join(cycle)
+
+
+def test_no_file_is_too_long_to_read_at_once():
+    files = sorted(PACKAGE.rglob('*.py')) + list(_scripts().values())
+    assert len(files) > len(_modules())
+    long = {path.relative_to(ROOT).as_posix(): n for path in files
             if (n := len(path.read_text(encoding='utf-8').splitlines())) > MAX_LINES}
-    assert not long, f'modules over {MAX_LINES} lines: {long}'
+    assert not long, f'files over {MAX_LINES} lines: {long}'

@@ -33,7 +33,7 @@ def test_wheel_ships_the_recipes_and_train_finds_them_by_name(installed):
     assert out.returncode == 0, out.stderr
     module, recipe = out.stdout.split('\n')[:2]
     assert module.startswith(str(installed / 'site')) and recipe.endswith('cpu_fashion_mnist_pgd.yaml True')
-    code = "import sys; from timm_edl.train import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from timm_edl.cli.train import main; sys.exit(main(sys.argv[1:]))"
     for name in ('cpu_fashion_mnist_pgd', 'recipes/cpu_fashion_mnist_pgd.yaml', 'edlnet_resnet18_cifar10_pgd.yaml'):
         out = _run(installed, code, '--config', name, '--print-config')
         assert out.returncode == 0, (name, out.stderr[-2000:])

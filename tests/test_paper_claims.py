@@ -1,4 +1,4 @@
-"""Tests of ``experiments/paper_claims.py``: the aggregation helpers, and the whole pipeline at
+"""Tests of ``experiments/paper_claims.py`` and its ``claims_*`` modules: the aggregation helpers, and the whole pipeline at
 ``--scale smoke`` (train, evaluate, cache, Markdown, plots) on the real Fashion-MNIST."""
 import importlib.util
 import math
@@ -12,40 +12,41 @@ REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path('/usr/share/datasets/fashion-mnist')
 
 
-def _load():
-    # as when run as a script: experiments/ on the path (its helpers sit beside it), and one module
+def _load(*names):
+    # as when run as a script: experiments/ on the path (its modules sit beside it), and one module
     # object per name, shared with tests/test_elastic_decision.py (worker processes unpickle by name)
     sys.path.insert(0, str(REPO / 'experiments'))
-    return importlib.import_module('paper_claims')
+    return [importlib.import_module(name) for name in names]
 
 
-pc = _load()
+pc, results, checks, setup, document = _load('paper_claims', 'claims_results', 'claims_checks', 'claims_setup',
+                                             'claims_document')
 
 
 def test_mean_std_matches_hand_computed_values():
-    assert pc.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
+    assert results.mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
     # 2, 4, 4, 4, 5, 5, 7, 9: mean 5, sum of squares 32, sample variance 32 / 7
-    m, s = pc.mean_std([2, 4, 4, 4, 5, 5, 7, 9])
+    m, s = results.mean_std([2, 4, 4, 4, 5, 5, 7, 9])
     assert m == pytest.approx(5.0) and s == pytest.approx(math.sqrt(32 / 7))
-    assert pc.mean_std([0.42]) == (0.42, 0.0)  # one seed: no spread
+    assert results.mean_std([0.42]) == (0.42, 0.0)  # one seed: no spread
     with pytest.raises(ValueError, match='at least one'):
-        pc.mean_std([])
+        results.mean_std([])
     with pytest.raises(ValueError, match='non-finite'):
-        pc.mean_std([0.1, float('nan')])
+        results.mean_std([0.1, float('nan')])
 
 
 def test_fmt_pm_formats_percent_and_missing_values():
-    assert pc.fmt_pm([0.5, 0.6, 0.7]) == '60.0 ± 10.0'
-    assert pc.fmt_pm([10.0, 20.0], scale=1.0, digits=0) == '15 ± 7'
-    assert pc.fmt_pm([0.5, None]) == 'n/a'
-    assert pc.fmt_pm([]) == 'n/a'
+    assert results.fmt_pm([0.5, 0.6, 0.7]) == '60.0 ± 10.0'
+    assert results.fmt_pm([10.0, 20.0], scale=1.0, digits=0) == '15 ± 7'
+    assert results.fmt_pm([0.5, None]) == 'n/a'
+    assert results.fmt_pm([]) == 'n/a'
 
 
 def test_check_cell_summarises_seeds():
-    assert pc._check_cell(['passed', 'passed', 'warning']) == 'passed 3/3 (1 warning)'
-    assert pc._check_cell(['passed', 'failed', 'failed']) == 'FAILED s1,s2'
-    assert pc._check_cell(['skipped', 'skipped']) == '-'
-    assert pc._check_cell(['passed', None]) == 'missing'
+    assert checks.check_cell(['passed', 'passed', 'warning']) == 'passed 3/3 (1 warning)'
+    assert checks.check_cell(['passed', 'failed', 'failed']) == 'FAILED s1,s2'
+    assert checks.check_cell(['skipped', 'skipped']) == '-'
+    assert checks.check_cell(['passed', None]) == 'missing'
 
 
 def test_markdown_is_never_written_over_a_foreign_file(tmp_path):
@@ -66,7 +67,7 @@ def test_smoke_run_writes_every_table_with_finite_numbers(tmp_path, monkeypatch)
     argv = ['--scale', 'smoke', '--out-dir', str(tmp_path / 'cache'), '--out-md', str(out_md), '--jobs', '1']
     assert pc.main(argv) == 0
     text = out_md.read_text()
-    assert text.startswith(pc.MARKER)
+    assert text.startswith(document.MARKER)
     for heading in ('## (a) The robustness illusion', '## (b) The EDL effect', '## (c) Robust overfitting',
                     '## (d) Gradient-masking checks'):
         assert heading in text
@@ -98,8 +99,8 @@ def test_smoke_run_writes_every_table_with_finite_numbers(tmp_path, monkeypatch)
     # every model of every table has a row of check results
     check_rows = [r for r in rows if r.startswith('| Fashion-MNIST |')]
     # natural x2, AT x4, best checkpoints of conv and elastic, final + best of each long run
-    assert len(check_rows) == 2 + 4 + 2 + 2 * len(pc.REGIMES['ro'])
-    assert sum('| PGD-AT long (c) |' in r for r in check_rows) == 2 * len(pc.REGIMES['ro'])
+    assert len(check_rows) == 2 + 4 + 2 + 2 * len(setup.REGIMES['ro'])
+    assert sum('| PGD-AT long (c) |' in r for r in check_rows) == 2 * len(setup.REGIMES['ro'])
     assert all('missing' not in r for r in check_rows)
     assert text.count('*What we see') >= 5
     for png in ('illusion.png', 'edl_effect.png', 'robust_overfitting.png', 'robust_overfitting_long.png',

@@ -23,9 +23,9 @@ from conftest import publish_to_cache, require_cifar10_jpeg, require_fashion_mni
 from timm_edl import weights
 from timm_edl.cli.eval import main as eval_main
 from timm_edl.cli.export import main as export_main
+from timm_edl.cli.train import main as train_main
 from timm_edl.data import load_tensors
 from timm_edl.models import edlnet
-from timm_edl.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 # The zoo: model name -> dataset (experiments/zoo.py makes them; the test says which must ship).
@@ -45,7 +45,7 @@ def test_the_package_ships_every_zoo_model():
 
 
 def test_list_pretrained_in_a_fresh_offline_interpreter():
-    """What the issue's done-line runs, with the network off."""
+    """What a user runs first (list the pretrained tags, load each one), with the network off."""
     env = {**os.environ, 'HF_HUB_OFFLINE': '1'}
     code = ("import timm, timm_edl; print(timm.list_pretrained('edlnet*'))\n"
             "for n in timm.list_pretrained('edlnet*'): timm.create_model(n, pretrained=True)\nprint('ok')")

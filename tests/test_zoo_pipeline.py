@@ -1,6 +1,7 @@
 """``experiments/zoo.py`` end to end at smoke size on the real Fashion-MNIST: train + evaluate two
 jobs, cache them, resume without retraining, refuse a cache made otherwise, and ship (export,
-package copy with manifest, card with the conv twin's numbers, docs and README tables)."""
+package copy with manifest, card with the conv twin's numbers, docs and README tables), keeping
+the shipped weights once (the package's copy) and shipping again from it."""
 import json
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ from timm_edl.weights import file_sha256
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'experiments'))
 
-import paper_claims as pc  # noqa: E402
 import zoo  # noqa: E402
+from _jobs import CacheMismatch  # noqa: E402
 
 
 def test_smoke_zoo_trains_caches_resumes_and_ships(tmp_path, capsys):
@@ -38,9 +39,14 @@ def test_smoke_zoo_trains_caches_resumes_and_ships(tmp_path, capsys):
     entry = manifest[name]
     shipped = d['pkg'] / entry['file']
     assert entry['sha256'] == file_sha256(shipped) and entry['bytes'] == shipped.stat().st_size
-    trained = safetensors.torch.load_file(str(d['cache'] / 'fashion-mnist' / 'edl_final' / 'model.safetensors'))
+    trained = safetensors.torch.load_file(str(d['runs'] / 'fashion-mnist' / 'edl' / 'train' / 'final'
+                                              / 'model.safetensors'))
     copy = safetensors.torch.load_file(str(shipped))
     assert set(trained) == set(copy) and all((trained[k] == copy[k]).all() for k in trained)
+    # one stored copy of the shipped weights, the package's; the twin's stay in the cache
+    final = d['cache'] / 'fashion-mnist' / 'edl_final'
+    assert (final / 'config.json').is_file() and not (final / 'model.safetensors').exists()
+    assert (d['cache'] / 'fashion-mnist' / 'conv_final' / 'model.safetensors').is_file()
     card = (d['cards'] / f'{name}.md').read_text()
     twin_clean = f"{100 * conv['evals']['full']['report']['clean_acc']:.2f} %"
     assert 'conv twin (edl_layers: none, same recipe)' in card and twin_clean in card
@@ -50,11 +56,19 @@ def test_smoke_zoo_trains_caches_resumes_and_ships(tmp_path, capsys):
     assert text.endswith('## after\n') and text.startswith('# project\n')
     assert f'`{name}`' in md.read_text() and (tmp_path / 'zoo' / 'curves.png').is_file()
 
-    # resumed: nothing is retrained; a cache made with other settings is refused
+    # resumed: nothing is retrained, the model ships again from the package copy (same bytes)
     capsys.readouterr()
     assert zoo.main(args) == 0
     assert '2 cached, 0 to run' in capsys.readouterr().out
+    assert json.loads((d['pkg'] / 'manifest.json').read_text())[name]['sha256'] == entry['sha256']
+    # a package copy that is not the trained file is refused, naming the file
+    data = bytearray(shipped.read_bytes())
+    data[-1] ^= 0xFF
+    shipped.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match='does not match its sha256'):
+        zoo.main(args + ['--ship-only'])
+    # a cache made with other settings is refused
     edl['spec']['overrides'] = edl['spec']['overrides'] + ['--epochs', '7']
     (d['cache'] / 'fashion-mnist' / 'edl.json').write_text(json.dumps(edl))
-    with pytest.raises(pc.CacheMismatch):
+    with pytest.raises(CacheMismatch):
         zoo.main(args)

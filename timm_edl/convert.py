@@ -31,8 +31,9 @@ every atom to unit norm.
 Serialising a conversion
 ------------------------
 :func:`conversion_config` describes the EDL layers of a converted model as a JSON-able
-dict (the ``timm_edl_conversion`` block of an exported ``config.json``) and
-:func:`apply_conversion` re-applies it to a freshly built original architecture.
+dict (``model_args['conversion']`` of an exported ``config.json``, whose architecture
+``edl_converted`` is :mod:`timm_edl.models.converted`) and :func:`apply_conversion`
+re-applies it to a freshly built original architecture.
 """
 import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -231,10 +232,10 @@ def apply_conversion(model: nn.Module, block: Dict[str, Any]) -> nn.Module:
     skipped only when ``model`` is a timm feature wrapper; otherwise they are an error.
     """
     if not isinstance(block, dict) or 'layers' not in block or 'edl_cfg' not in block:
-        raise ValueError("not a timm_edl_conversion block: expected a dict with 'layers' and 'edl_cfg'")
+        raise ValueError("not a conversion block (conversion_config): expected a dict with 'layers' and 'edl_cfg'")
     if int(block.get('format', 1)) > CONVERSION_FORMAT:
         raise ValueError(
-            f"timm_edl_conversion format {block['format']} is newer than this timm-edl understands "
+            f"conversion block format {block['format']} is newer than this timm-edl understands "
             f"({CONVERSION_FORMAT}): upgrade timm-edl")
     common = with_legacy_options(block['edl_cfg'])
     _check_edl_kwargs(common)

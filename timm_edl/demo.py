@@ -21,6 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .cli.errors import CommandFailed, UsageError, run
 from .train.config import RECIPES_DIR
 
 DEFAULT_RECIPE = RECIPES_DIR / 'cpu_fashion_mnist_pgd.yaml'
@@ -67,10 +68,10 @@ def _evaluate(args, folder: Path, name: str, eps: str) -> Dict:
         argv += ['--overwrite']
     code = eval_main(argv)
     if code not in (0, None):
-        raise SystemExit(f'[demo] evaluation of {name} failed (exit code {code})')
+        raise CommandFailed(f'the evaluation of {name} failed (exit status {code})')
     reports = sorted(out.glob('*.json'), key=lambda p: p.stat().st_mtime)
     if not reports:
-        raise SystemExit(f'[demo] the evaluation wrote no JSON report in {out}')
+        raise CommandFailed(f'the evaluation wrote no JSON report in {out}')
     report = json.loads(reports[-1].read_text())
     report['_path'] = str(reports[-1])
     return report
@@ -88,7 +89,7 @@ def _export_and_reload(args, folder: Path, report: Dict) -> Path:
     with torch.no_grad():
         same = torch.equal(model(x), reloaded(x))
     if not same:
-        raise SystemExit('[demo] the reloaded export does not reproduce the logits')
+        raise CommandFailed('the reloaded export does not reproduce the logits')
     print(f"[demo] exported {export_dir}; timm.create_model('local-dir:...') reproduces the logits exactly")
     return export_dir
 
@@ -104,11 +105,15 @@ def _fmt(value: Optional[float]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    return run('demo', lambda: _demo(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = time.strftime('runs/demo-%Y%m%d-%H%M%S')
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise SystemExit(f'[demo] {out} already holds a demo run; pass --overwrite to replace it or --out elsewhere')
+        raise UsageError(f'{out} already holds a demo run; pass --overwrite to replace it or --out elsewhere')
     start = time.time()
     edl_final, cfg = _train(args, 'edlnet', [])
     conv_final, _ = _train(args, 'conv_twin', ['--model-kwargs.edl_layers', 'none'])

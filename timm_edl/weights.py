@@ -8,16 +8,19 @@ Loading never unpickles unless asked: a ``.bin``/``.pth``/``.pt`` checkpoint is 
 the weights will come from (``_resolve_pretrained_source``, the function timm's
 ``load_pretrained`` calls) and checks that file before timm reads it.
 ``timm.create_model(..., checkpoint_path=...)`` is plain timm and not covered: use
-:func:`load_checkpoint`.
+:func:`load_checkpoint`, the one function that puts a weights file into a model (the Hub
+loader, the training's initial weights and the evaluation's ``--checkpoint`` all call it).
 """
 import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from ._timm_compat import download_from_hf, resolve_pretrained_source
 
 __all__ = [
     'WEIGHTS_NAME', 'CONFIG_NAME', 'HUB_NAMESPACE', 'PICKLE_SUFFIXES', 'EDL_ARCH_ARGS',
@@ -173,6 +176,7 @@ def read_state_dict(path: Union[str, Path], *, allow_pickle: bool = False) -> Di
 
 def check_state_dict(
         model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool, allow_unexpected: bool = False,
+        kept: Sequence[str] = (),
 ) -> None:
     """Raise :class:`StateDictMismatchError` when ``state_dict`` does not fit ``model``.
 
@@ -180,10 +184,11 @@ def check_state_dict(
     every tensor that fits and only then raises (leaving the model half-loaded); it also works
     on meta-device tensors (an export is verified without reading its weights) and says when
     the mismatch is a question of EDL layers.  ``strict=False`` tolerates missing and
-    unexpected keys (``allow_unexpected`` the unexpected ones alone), never mis-shaped ones.
+    unexpected keys (``allow_unexpected`` the unexpected ones alone), never mis-shaped ones;
+    ``kept``: model entries that stay as built (a new classifier), never missing.
     """
     own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
+    missing = [k for k in own if k not in state_dict and k not in kept]
     unexpected = [k for k in state_dict if k not in own]
     mismatched = [(k, tuple(state_dict[k].shape), tuple(own[k].shape))
                   for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
@@ -211,8 +216,9 @@ def check_state_dict(
             hint = (" The EDL layers differ: the model was built with other edl_layers / edl_cfg than the "
                     "weights (config.json's model_args record the right ones).")
         elif any(k.endswith(edl_keys) for k in bad_unexpected):
-            hint = (" The weights hold EDL layers the model lacks: for a converted timm model use "
-                    "timm_edl.hub.load(), which re-applies the conversion recorded in config.json.")
+            hint = (" The weights hold EDL layers the model lacks: a converted timm model is built by "
+                    "timm.create_model('edl_converted', base_model=..., conversion=...) with the model_args of its "
+                    "export's config.json (timm.create_model('local-dir:...') and timm_edl.hub.load() do this).")
     raise StateDictMismatchError(
         f"the weights do not match the {type(model).__name__} architecture: " + '; '.join(parts) + '.' + hint,
         missing, unexpected, mismatched)
@@ -220,29 +226,56 @@ def check_state_dict(
 
 def load_checkpoint(
         model: nn.Module, path: Union[str, Path], *, allow_pickle: bool = False, strict: bool = True,
-) -> nn.Module:
-    """Load a weights file into ``model`` safely; returns ``model``.
+        allow_unexpected: bool = False, new_head: bool = False,
+) -> List[str]:
+    """Load a weights file into ``model`` safely: the one way weights reach a model.
 
     ``.safetensors`` files are checked (:func:`check_safetensors_file`) and read without
     pickle.  Anything else is refused with :class:`UnsafeCheckpointError` unless
-    ``allow_pickle=True``, then read with ``torch.load(weights_only=True)``.  The keys and
-    shapes are compared with the model before anything is copied: a mismatch raises
-    :class:`StateDictMismatchError` listing the missing, unexpected and mis-shaped entries
-    (``strict=False`` tolerates missing / unexpected keys, never mis-shaped ones).
+    ``allow_pickle=True``, then read with ``torch.load(weights_only=True)``; timm's
+    ``load_state_dict`` unwraps training checkpoints and strips ``module.`` prefixes
+    (:func:`read_state_dict`).  The keys and shapes are compared with the model before
+    anything is copied: a mismatch raises :class:`StateDictMismatchError` listing the
+    missing, unexpected and mis-shaped entries (``strict=False`` tolerates missing and
+    unexpected keys, ``allow_unexpected`` the unexpected ones alone, e.g. the head a
+    ``features_only`` model lacks; mis-shaped ones never).
+
+    ``new_head=True`` applies timm's fine-tuning rule (``load_pretrained`` with another
+    ``num_classes``): when the weights' classifier (``pretrained_cfg['classifier']``) has
+    ``C' != model.num_classes`` rows, its weight and bias are discarded and the model's
+    classifier stays as built.  Returns the classifier entries so kept (empty without a new
+    head).
     """
     state_dict = read_state_dict(path, allow_pickle=allow_pickle)
-    check_state_dict(model, state_dict, strict)
+    kept = _other_head(model, state_dict) if new_head else []
+    state_dict = {k: v for k, v in state_dict.items() if k not in kept}
+    check_state_dict(model, state_dict, strict, allow_unexpected=allow_unexpected, kept=kept)
     model.load_state_dict(state_dict, strict=False)
-    return model
+    return kept
+
+
+def _other_head(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """The classifier entries of ``state_dict`` trained for another number of classes than ``model``'s."""
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier') or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    num_classes = getattr(model, 'num_classes', None)
+    out = []
+    for head in heads:
+        weight = state_dict.get(f'{head}.weight')
+        if weight is not None and num_classes is not None and weight.shape[0] != num_classes:
+            out += [k for k in (f'{head}.weight', f'{head}.bias') if k in state_dict]
+    return out
 
 
 def state_dict_digest(model_or_state_dict: Union[nn.Module, Dict[str, torch.Tensor]]) -> str:
-    """sha256 of a model's weights, independent of the file format (``'sha256:<hex>'``).
+    """sha256 of a model's weights, or of any named tensors, independent of the file format.
 
-    Covers every state-dict entry (name, dtype, shape, bytes) except the step-size cache of
-    EDL layers (``*.lipschitz``, ``*.lipschitz_size``), which a forward pass at another
-    input size may refresh.  The evaluation entry point records it as ``weights_digest`` so
-    that :func:`export` can check that the results belong to the exported weights.
+    Returns ``'sha256:<hex>'`` over every entry (name, dtype, shape, bytes) in name order,
+    except the step-size cache of EDL layers (``*.lipschitz``, ``*.lipschitz_size``), which
+    a forward pass at another input size may refresh.  The evaluation records it as
+    ``weights_digest`` so that :func:`timm_edl.hub.export` can check that the results belong
+    to the exported weights, and names its resumable AutoAttack state by it (of the model and
+    of ``{'x': images, 'y': labels}``).
     """
     state_dict = model_or_state_dict
     if isinstance(state_dict, nn.Module):
@@ -292,12 +325,12 @@ def check_shipped_file(path: Union[str, Path]) -> None:
 
 
 def hf_download(repo: str, filename: str, cache_dir: Union[None, str, Path] = None) -> str:
-    from timm.models._hub import download_from_hf  # not exported by timm.models
+    """The local path of ``filename`` of Hub repo ``repo`` (``'<id>[@revision]'``), through timm."""
     return download_from_hf(repo, filename, cache_dir=cache_dir)
 
 
 def check_pretrained_source(variant: str, kwargs: Dict[str, Any], allow_pickle: bool = False) -> Dict[str, Any]:
-    """Hook for EDLNet creation with ``pretrained=True``: refuse pickles, check safetensors.
+    """Hook for EDLNet and ``edl_converted`` creation with ``pretrained=True``: refuse pickles, check safetensors.
 
     Asks timm where its ``load_pretrained`` will read the weights and, unless ``allow_pickle``:
 
@@ -317,11 +350,10 @@ def check_pretrained_source(variant: str, kwargs: Dict[str, Any], allow_pickle: 
     ``allow_pickle=True`` timm's own loader reads the weights unchanged.
     """
     from timm.models import resolve_pretrained_cfg
-    from timm.models._builder import _resolve_pretrained_source  # the rule load_pretrained applies
     kwargs = dict(kwargs)
     overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
     cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay).to_dict()
-    load_from, location = _resolve_pretrained_source(cfg)
+    load_from, location = resolve_pretrained_source(cfg)
     name = f"{variant}.{cfg['tag']}" if cfg.get('tag') else variant
     if load_from == 'hf-hub' and cfg.get('source') != 'hf-hub':
         from huggingface_hub.errors import EntryNotFoundError

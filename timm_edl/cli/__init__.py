@@ -1,16 +1,17 @@
 """The ``timm-edl`` command: one entry point, one sub-command per job.
 
-Each sub-command is a module exposing ``main(argv) -> int``: ``eval``, ``export``, ``push``
-and ``convert`` live in this package (their one keyword-argument grammar in :mod:`.args`),
-``train`` and ``demo`` in their own packages.  Modules are imported only when their
-sub-command runs, so ``timm-edl --help`` stays fast.
+Each sub-command is a module exposing ``main(argv) -> int``: ``train``, ``eval``, ``export``,
+``push`` and ``convert`` live in this package (their libraries below it), ``demo`` beside
+it.  All of them share one grammar (:mod:`.args`: ``KEY=VALUE`` options and the model option group) and
+one exit-status rule (:mod:`.errors`: 0 done, 1 a failure while running, 2 a usage error).
+Modules are imported only when their sub-command runs, so ``timm-edl --help`` stays fast.
 """
 import importlib
 import sys
 from typing import List, Optional
 
 COMMANDS = {
-    "train": ("timm_edl.train", "adversarial training / fine-tuning (accelerate)"),
+    "train": ("timm_edl.cli.train", "adversarial training / fine-tuning (accelerate)"),
     "eval": ("timm_edl.cli.eval", "RobustBench-style evaluation (clean, PGD, AutoAttack)"),
     "export": ("timm_edl.cli.export", "write a Hub-ready folder (safetensors, config.json, card)"),
     "push": ("timm_edl.cli.push", "upload an exported folder to the Hugging Face Hub"),
@@ -33,8 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"timm-edl: unknown command {name!r}.\n\n{_usage()}", file=sys.stderr)
-        return 2
+        from .errors import fail
+        return fail(None, f"unknown command {name!r}.\n\n{_usage()}")
     from ..runtime import keep_freed_memory
     keep_freed_memory()  # our own process: reuse freed activation buffers (see timm_edl/runtime.py)
     module = importlib.import_module(COMMANDS[name][0])

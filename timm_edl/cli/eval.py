@@ -6,10 +6,10 @@ Example::
         --threat-model Linf --eps 8/255 --n-ex 10000 --attacks autoattack,pgd \\
         --batch-size 500 --eps-sweep 0,2/255,4/255,8/255,16/255 --naive --surrogate twin --out results/
 
-Exit status: 0 done; 1 a check failed and ``--strict`` was given; 2 a usage error (bad
-option, unknown model, missing data: the message says what and how to fix it); 130
-interrupted (rerun the same command: AutoAttack resumes from its state file in
-``<out>/.autoattack-state/``).
+Exit status (:mod:`timm_edl.cli.errors`): 0 done; 1 a check failed and ``--strict`` was
+given; 2 a usage error (bad option, unknown model, missing data: the message says what and
+how to fix it); 130 interrupted (rerun the same command: AutoAttack resumes from its state
+file in ``<out>/.autoattack-state/``).
 """
 import argparse
 import shlex
@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-__all__ = ['main', 'build_parser']
+from .args import add_model_options, model_options
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, fail, usage_errors
 
-EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+__all__ = ['main', 'build_parser']
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,15 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         description='RobustBench-style robustness evaluation (clean, adaptive PGD, AutoAttack) of a timm / '
                     'EDLNet model, with checks that flag gradient masking and other sources of false robustness.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group('model')
-    g.add_argument('--model', required=True,
-                   help='name or name.tag (timm registry), hf-hub:ORG/REPO, local-dir:FOLDER (or a folder), '
-                        'or a weights file (.safetensors; needs --arch or a config.json beside it)')
-    g.add_argument('--arch', default=None, help='architecture of a bare weights file')
-    g.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
-                   help='timm.create_model arguments (YAML values), e.g. channels=[8,16] edl_layers=none')
-    g.add_argument('--allow-pickle', action='store_true',
-                   help='accept .pth/.pt/.bin weights (read with torch.load(weights_only=True))')
+    add_model_options(p)
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='cifar10',
                    help='cifar10, cifar100, cifar10-jpeg, tiny-imagenet, imagefolder, fashion-mnist, '
@@ -103,11 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _error(message: str) -> int:
-    print(f"timm-edl eval: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -150,8 +138,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
     from ..evaluation.errors import EvaluationError
     from ..evaluation.models import conv_twin, load_model
     from ..evaluation.report import markdown, output_stem, reserve_stem, write_outputs
-    from ..threat import ThreatModelError
-    from .args import KwargsError, parse_kwargs
+    from .args import parse_kwargs
 
     try:
         # everything that can be checked before loading anything heavy
@@ -159,7 +146,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         config.resolve()
         if args.n_ex is not None and args.n_ex < 1:
             raise EvaluationError(f"--n-ex must be >= 1, got {args.n_ex}")
-        model_kwargs = parse_kwargs(args.model_kwargs)
+        model_opts = model_options(args)
         surrogate_kwargs = parse_kwargs(args.surrogate_kwargs, '--surrogate-kwargs')
         info = parse_kwargs(args.info, '--info')
 
@@ -171,9 +158,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
                                     download=args.download)
         except ValueError as e:  # e.g. --n-ex larger than the split
             raise EvaluationError(str(e)) from None
-        model, source = load_model(args.model, model_kwargs=model_kwargs, arch=args.arch,
-                                   num_classes=info_ds.num_classes, in_chans=x.shape[1],
-                                   allow_pickle=args.allow_pickle)
+        model, source = load_model(**model_opts, num_classes=info_ds.num_classes, in_chans=x.shape[1])
         surrogate, surrogate_name = None, None
         if args.surrogate:
             if args.surrogate == 'twin':  # the example forward caches every EDL layer's step size
@@ -205,9 +190,9 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         report = evaluate(model, x, y, config, dataset=info_ds, split=args.split, model_source=source, n_total=n_total,
                           surrogate=surrogate, surrogate_name=surrogate_name, info=info)
     except OptionError as e:
-        return _error(e.worded(_flag))
-    except (EvaluationError, ThreatModelError, KwargsError, DatasetError) as e:
-        return _error(str(e))
+        return fail('eval', e.worded(_flag))
+    except usage_errors() as e:
+        return fail('eval', e)
     report['command'] = 'timm-edl eval ' + ' '.join(shlex.quote(a) for a in argv)
     report['data']['data_dir'] = None if args.data_dir is None else str(Path(args.data_dir).absolute())
     files = write_outputs(report, out_dir, overwrite=args.overwrite, stem=stem)
@@ -218,9 +203,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
     sys.stdout.write(markdown(report, files))
     sys.stdout.flush()
     if report['failed_checks'] and args.strict:
-        print(f"timm-edl eval: FAILED CHECK ({', '.join(report['failed_checks'])}) and --strict given",
-              file=sys.stderr)
-        return EXIT_FAILED_CHECK
+        return fail('eval', f"FAILED CHECK ({', '.join(report['failed_checks'])}) and --strict given", EXIT_FAILED)
     return EXIT_OK
 
 

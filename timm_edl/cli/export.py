@@ -1,29 +1,25 @@
 """``timm-edl export``: write a Hub-ready folder from a model and its weights."""
 import argparse
-import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from timm.models import parse_model_name
 
 from ..hub import HUB_NAMESPACE, export, resolve_model
 from ..hub.export import folder_files
+from ..hub.load import CHECKPOINT_SUFFIXES
 from ..models.edlnet import tags_with_weights
-from .args import parse_kwargs, parse_label_names
+from .args import add_model_options, model_options, parse_label_names
+from .errors import UsageError, run
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``timm-edl export``: write a Hub-ready folder from a model and its weights."""
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='timm-edl export',
-        description='Write a Hub-ready folder (model.safetensors, config.json, README.md model card).')
-    p.add_argument('--model', required=True,
-                   help="timm name (e.g. edlnet_resnet18) with --checkpoint, a name.tag with pretrained weights "
-                        "(e.g. a zoo model), or an export to re-export: "
-                        "local-dir:PATH / hf-hub:ID (e.g. to add evaluation results)")
-    p.add_argument('--checkpoint', help='weights to export (.safetensors; .pth/.bin need --allow-pickle)')
-    p.add_argument('--allow-pickle', action='store_true', help='accept a pickle checkpoint (torch.load weights_only)')
-    p.add_argument('--model-kwargs', nargs='*', metavar='KEY=VALUE',
-                   help='timm.create_model arguments the checkpoint was trained with (YAML values, see timm_edl.cli.args)')
+        description='Write a Hub-ready folder (model.safetensors, config.json, README.md model card) from a '
+                    'model and its weights: a timm name with --checkpoint, a name.tag with published weights '
+                    '(a zoo model), or an export to re-export (e.g. to add evaluation results).')
+    add_model_options(p)
     p.add_argument('--eval-results', nargs='*', metavar='JSON', help="evaluation entry point's JSON output(s)")
     p.add_argument('--compare-results', nargs='*', metavar='LABEL=JSON', default=[],
                    help="another model's evaluation JSON on the same points, for the card's comparison table, "
@@ -38,38 +34,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--input-size', nargs=3, type=int, metavar=('C', 'H', 'W'),
                    help='image size to record in pretrained_cfg (default: from the evaluated dataset)')
     p.add_argument('--card-dir', help="also write the card to CARD_DIR/<name>.md (use hub_cards/ when publishing)")
-    args = p.parse_args(argv)
-    try:
-        kwargs = parse_kwargs(args.model_kwargs, '--model-kwargs')
-        source, name = parse_model_name(args.model)
-        shipped = source is None and name in tags_with_weights()  # a zoo tag: its pretrained weights
-        if source is None and not args.checkpoint and not shipped:
-            print("timm-edl export: error: --checkpoint is required with a registry model name without "
-                  "pretrained weights (there is nothing to export from random weights); tags with weights: "
-                  f"{', '.join(tags_with_weights()) or 'none'}", file=sys.stderr)
-            return 2
-        compare = {}
-        for item in args.compare_results:
-            label, sep, path = item.rpartition('=')
-            if not sep or not label.strip() or not path:
-                print(f"timm-edl export: error: --compare-results takes LABEL=JSON, got {item!r}", file=sys.stderr)
-                return 2
-            compare.setdefault(label.strip(), []).append(path)
-        notes = None
-        if args.card_notes:
-            with open(args.card_notes, encoding='utf-8') as f:
-                notes = f.read()
-        model, _ = resolve_model(args.model, model_kwargs=kwargs, checkpoint=args.checkpoint,
-                                 pretrained=(shipped and not args.checkpoint) if source is None else None,
-                                 allow_pickle=args.allow_pickle)
-        out = export(model, args.out, eval_results=args.eval_results or None,
-                     label_names=parse_label_names(args.label_names), license=args.license,
-                     datasets=args.datasets, overwrite=args.overwrite, model_name=args.model_name,
-                     data_config=dict(input_size=tuple(args.input_size)) if args.input_size else None,
-                     card_dir=args.card_dir, compare_results=compare or None, card_notes=notes)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"timm-edl export: error: {e}", file=sys.stderr)
-        return 1
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``timm-edl export``: write a Hub-ready folder from a model and its weights."""
+    args = _parser().parse_args(argv)
+    return run('export', lambda: _export(args), failures=(OSError, RuntimeError))
+
+
+def _export(args: argparse.Namespace) -> int:
+    options = model_options(args)
+    source, name = parse_model_name(args.model)
+    # a registry name, not a folder or weights file (resolve_model tells them apart the same way)
+    registry = source is None and not Path(args.model).exists() and not name.lower().endswith(CHECKPOINT_SUFFIXES)
+    shipped = registry and name in tags_with_weights()  # a zoo tag: its pretrained weights
+    if registry and not args.checkpoint and not shipped:
+        raise UsageError("--checkpoint is required with a registry model name without pretrained weights (there "
+                         f"is nothing to export from random weights); tags with weights: "
+                         f"{', '.join(tags_with_weights()) or 'none'}")
+    compare = {}
+    for item in args.compare_results:
+        label, sep, path = item.rpartition('=')
+        if not sep or not label.strip() or not path:
+            raise UsageError(f"--compare-results takes LABEL=JSON, got {item!r}")
+        compare.setdefault(label.strip(), []).append(path)
+    notes = Path(args.card_notes).read_text(encoding='utf-8') if args.card_notes else None
+    model, _ = resolve_model(**options, pretrained=(shipped and not args.checkpoint) if registry else None)
+    out = export(model, args.out, eval_results=args.eval_results or None,
+                 label_names=parse_label_names(args.label_names), license=args.license,
+                 datasets=args.datasets, overwrite=args.overwrite, model_name=args.model_name,
+                 data_config=dict(input_size=tuple(args.input_size)) if args.input_size else None,
+                 card_dir=args.card_dir, compare_results=compare or None, card_notes=notes)
     print(f"wrote {out}")
     for rel, size in folder_files(out):
         print(f"  {rel}  {size:,} bytes")

@@ -1,11 +1,11 @@
 """``timm-edl push``: upload an exported folder to the Hugging Face Hub."""
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 from ..hub import CONFIG_NAME, HUB_NAMESPACE, push
+from .errors import run
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -20,12 +20,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument('--commit-message')
     p.add_argument('--revision', help='branch to push to (default: main)')
     args = p.parse_args(argv)
-    try:
-        result = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run,
-                      commit_message=args.commit_message, revision=args.revision)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"timm-edl push: error: {e}", file=sys.stderr)
-        return 1
+    return run('push', lambda: _push(args), failures=(OSError, RuntimeError))
+
+
+def _push(args: argparse.Namespace) -> int:
+    result = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run,
+                  commit_message=args.commit_message, revision=args.revision)
     if args.dry_run:
         config = json.loads((Path(args.folder) / CONFIG_NAME).read_text(encoding='utf-8'))
         repo = args.repo_id or f"{HUB_NAMESPACE}/{config['timm_edl']['model_name']}"

@@ -22,20 +22,12 @@ from .models import NAIVE_MODES, describe_model, naive_surrogate
 from .runners import correct_under_attack, make_noise, make_pgd, predict_correct, run_autoattack
 from .. import results as result_schema
 from ..threat import default_eps, format_eps
+from ..weights import state_dict_digest
 from .errors import EvaluationError
 
 __all__ = ['EvalConfig', 'evaluate', 'ATTACKS', 'SCHEMA', 'state_key']
 
 SCHEMA = 'timm-edl-eval/1'
-
-
-def _tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(f'{t.dtype}|{tuple(t.shape)}|'.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def state_key(**parts: Any) -> str:
@@ -167,7 +159,7 @@ def _autoattack_state(run: _Run) -> Optional[Path]:
     c, s = run.config, run.setting
     if c.state_dir is None:
         return None
-    key = state_key(weights=describe_weights(run.model), data=_tensor_digest(run.x, run.y),
+    key = state_key(weights=state_dict_digest(run.model), data=state_dict_digest({'x': run.x, 'y': run.y}),
                     threat_model=s.threat_model, eps=s.eps, version=s.aa_version, attacks=s.aa_attacks,
                     seed=c.seed, batch_size=int(c.batch_size))
     return Path(c.state_dir) / f'autoattack-{key}.json'
@@ -428,11 +420,6 @@ def _evaluate(
     description = describe_model(model, model_source, x[:min(len(x), int(config.batch_size))].to(setting.device))
     return _report(run, checks, measured.get('sweep', {}).get('points', []), description, info=info or {},
                    dataset_name=dataset_name, label=label, data_info=data_info, split=split, n_total=n_total)
-
-
-def describe_weights(model: nn.Module) -> str:
-    from .models import weights_digest
-    return weights_digest(model)
 
 
 def _fmt_pct(v: Optional[float]) -> Optional[str]:

@@ -15,25 +15,12 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from ..hub.load import ModelSpecError, resolve_model
 from ..layers import EDLConv2d, edl_layer_stats, edl_layers, rista
 from ..weights import state_dict_digest
 from .errors import EvaluationError
 
-__all__ = [
-    'ModelSpecError', 'load_model', 'conv_twin', 'naive_surrogate', 'NAIVE_MODES',
-    'describe_model', 'weights_digest',
-]
-
-
-
-class ModelSpecError(EvaluationError):
-    """The model spec cannot be resolved (unknown name, missing file, weights that do not fit)."""
-
-
-def weights_digest(model: nn.Module) -> str:
-    """:func:`timm_edl.weights.state_dict_digest` of the model ('sha256:<hex>'), the id that
-    ``timm-edl export`` checks evaluation results against."""
-    return state_dict_digest(model)
+__all__ = ['load_model', 'conv_twin', 'naive_surrogate', 'NAIVE_MODES', 'describe_model']
 
 
 def load_model(
@@ -41,19 +28,19 @@ def load_model(
         *,
         model_kwargs: Optional[Dict[str, Any]] = None,
         arch: Optional[str] = None,
+        checkpoint: Optional[str] = None,
         num_classes: Optional[int] = None,
         in_chans: Optional[int] = None,
         allow_pickle: bool = False,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
-    """:func:`timm_edl.hub.resolve_model` for ``--model`` / ``--surrogate``, in eval mode, with its
-    errors as :class:`ModelSpecError` (the evaluation's command line prints them and exits 2)."""
-    from ..hub import ModelSpecError as HubModelSpecError
-    from ..hub import resolve_model
+    """:func:`timm_edl.hub.resolve_model` for ``--model`` / ``--surrogate``, in eval mode; its
+    :class:`~timm_edl.hub.ModelSpecError` becomes an :class:`EvaluationError` (the evaluation's
+    command line prints it and exits 2)."""
     try:
-        model, source = resolve_model(spec, model_kwargs=model_kwargs, arch=arch, num_classes=num_classes,
-                                      in_chans=in_chans, allow_pickle=allow_pickle)
-    except HubModelSpecError as e:
-        raise ModelSpecError(str(e)) from e
+        model, source = resolve_model(spec, model_kwargs=model_kwargs, arch=arch, checkpoint=checkpoint,
+                                      num_classes=num_classes, in_chans=in_chans, allow_pickle=allow_pickle)
+    except ModelSpecError as e:
+        raise EvaluationError(str(e)) from e
     return model.eval(), source
 
 
@@ -223,7 +210,7 @@ def describe_model(model: nn.Module, source: Optional[Dict[str, Any]] = None,
         'model_kwargs': _jsonable(source.get('model_kwargs') or {}),
         'num_params': int(num_params),
         'num_classes': getattr(model, 'num_classes', None),
-        'weights_digest': weights_digest(model),
+        'weights_digest': state_dict_digest(model),
         'edl': edl,
     }
 

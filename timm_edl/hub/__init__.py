@@ -7,10 +7,9 @@ Publishing (maintainers)::
 
 Loading (users)::
 
-    import timm, timm_edl                # the import registers the edlnet_* architectures
+    import timm, timm_edl                # the import registers edlnet_* and edl_converted
     model = timm.create_model('hf-hub:timm-edl/<name>', pretrained=True)
-    model = timm_edl.hub.load('hf-hub:timm-edl/<name>')   # same, with clearer errors; also
-                                                          # rebuilds converted timm models
+    model = timm_edl.hub.load('hf-hub:timm-edl/<name>')   # same, with clearer errors
 
 An exported folder is what timm reads (``local-dir:`` / ``hf-hub:``):
 
@@ -19,10 +18,9 @@ An exported folder is what timm reads (``local-dir:`` / ``hf-hub:``):
   ``label_names``, ``model_args``, ``pretrained_cfg``, written by timm's own
   ``save_config_for_hf``).  ``model_args`` holds every argument needed to rebuild the exact
   network: for EDLNets ``edl_layers``, the complete ``edl_cfg``, ``input_mean``/``input_std``
-  and ``in_chans``/``num_classes``/``global_pool``.  Two extra top-level blocks, which timm
-  ignores: ``timm_edl`` (published name, versions, sha256 of the weights, evaluation
-  results) and, for a converted timm model, ``timm_edl_conversion`` (which convolutions are
-  EDL layers and their options; :func:`load` re-applies it, see below);
+  and ``in_chans``/``num_classes``/``global_pool``; for a converted timm model (see below)
+  ``base_model`` and ``conversion``.  One extra top-level block, which timm ignores:
+  ``timm_edl`` (published name, versions, sha256 of the weights, evaluation results);
 * ``README.md``: the model card, rendered from ``hub_cards/model_card.md.tmpl``.
 
 Evaluation results (``export(eval_results=...)``) follow the schema of :mod:`timm_edl.results`
@@ -32,10 +30,12 @@ pickle unless ``allow_pickle=True``.
 Where things live: :mod:`.export` (the folder and its checks), :mod:`.card` (the model card),
 :mod:`.load` (loading, and :func:`resolve_model`, the one model resolver of every command), :mod:`.push` (upload); the command lines are in :mod:`timm_edl.cli`.
 
-A converted timm model (``convert_to_edl`` on e.g. ``resnet18``) is exported with
-``architecture: resnet18`` plus the ``timm_edl_conversion`` block.  Plain
-``timm.create_model('local-dir:...')`` would build a plain resnet18 and refuse the EDL state
-dict (unexpected ``*.beta``/``*.lam`` keys): load it with :func:`load`.
+A converted timm model (``convert_to_edl`` on e.g. ``resnet18``) is exported as the
+``edl_converted`` architecture (:mod:`timm_edl.models.converted`) with ``model_args``
+``base_model='resnet18'`` and ``conversion`` (which convolutions are EDL layers, with which
+options): ``timm.create_model('local-dir:...' / 'hf-hub:...', pretrained=True)`` rebuilds
+it after ``import timm_edl``.  :func:`load` also reads exports of earlier releases, which
+named ``resnet18`` plus a ``timm_edl_conversion`` block.
 """
 from ..models.edlnet import PretrainedWeightsUnavailable
 from ..results import read_eval_results

@@ -177,12 +177,13 @@ def usage_markdown(repo_id: str, kind: str) -> str:
             f'`timm_edl.hub.load("hf-hub:{repo_id}")` does the same with clearer error messages. Without '
             "`import timm_edl`, timm fails with `Unknown model`: timm has no plugin discovery.")
     return (
-        "```python\nimport timm_edl.hub\n\n"
-        f'model = timm_edl.hub.load("hf-hub:{repo_id}").eval()\n'
+        "```python\nimport timm\nimport timm_edl  # registers the edl_converted architecture with timm: required\n\n"
+        f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True).eval()\n'
         "config = timm.data.resolve_model_data_config(model)\n```\n\n"
-        "This is a timm model with EDL layers: `timm_edl.hub.load` builds the original timm architecture and "
-        "re-applies the conversion recorded in `config.json` (`timm_edl_conversion`) before loading the weights. "
-        "A plain `timm.create_model(\"hf-hub:...\")` builds the unconverted network and refuses these weights.")
+        "This is a timm model with EDL layers: `config.json` names the `edl_converted` architecture, which builds "
+        "the original timm architecture (`model_args.base_model`) and applies the conversion recorded in "
+        "`model_args.conversion` before timm loads the weights. "
+        f'`timm_edl.hub.load("hf-hub:{repo_id}")` does the same with clearer error messages.')
 
 
 def render_card(template: Path, fields: Dict[str, str]) -> str:
@@ -219,7 +220,7 @@ def details_markdown(model: nn.Module, arch: str, kind: str, num_params: int, in
         input_text = (f"{' x '.join(str(s) for s in input_size)}, pixels in [0, 1]; the model normalises them "
                       f"itself (mean {tuple(mean)}, std {tuple(std)}), so timm's data config has mean 0 / std 1")
     else:
-        arch_text = f"timm `{arch}`, convolutions converted to EDL layers (`timm_edl_conversion` in config.json)"
+        arch_text = f"timm `{arch}`, convolutions converted to EDL layers (`model_args.conversion` in config.json)"
         cfg = model.pretrained_cfg
         input_text = (f"{' x '.join(str(s) for s in input_size)}, normalised by the data pipeline with mean "
                       f"{tuple(cfg.get('mean', ()))}, std {tuple(cfg.get('std', ()))} "

@@ -2,10 +2,11 @@
 
 ``config.json`` is timm's own (``save_config_for_hf``): ``architecture``, ``num_classes``,
 ``label_names``, ``model_args`` (every argument needed to rebuild the exact network: for
-EDLNets ``edl_layers``, the complete ``edl_cfg``, ``input_mean``/``input_std``) and
-``pretrained_cfg``; plus two blocks timm ignores: ``timm_edl`` (published name, versions,
-sha256 of the weights, evaluation results) and, for a converted timm model,
-``timm_edl_conversion`` (which convolutions are EDL layers and their options).
+EDLNets ``edl_layers``, the complete ``edl_cfg``, ``input_mean``/``input_std``; for a
+converted timm model, architecture ``edl_converted`` with ``base_model``, ``conversion``
+(which convolutions are EDL layers and their options) and the base's own arguments) and
+``pretrained_cfg``; plus a block timm ignores: ``timm_edl`` (published name, versions,
+sha256 of the weights, evaluation results).
 """
 import json
 import os
@@ -19,8 +20,10 @@ import torch.nn as nn
 
 import timm
 
-from ..convert import apply_conversion, conversion_config, edl_layer_config
+from .._timm_compat import save_config_for_hf
+from ..convert import edl_layer_config
 from ..layers import edl_layers
+from ..models.converted import CONVERTED_ARCH, converted_model_args
 from ..models.edlnet import PAPER_ID, EDLResNet
 from ..results import read_eval_results
 from ..weights import (
@@ -28,11 +31,11 @@ from ..weights import (
     check_safetensors_file, check_state_dict, file_sha256, state_dict_digest,
 )
 from . import card as C
-from .load import require_registered, version
+from .load import model_recipe, require_registered, version
 
 CARD_NAME = 'README.md'
 MANAGED = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: converted models as edl_converted (1: base architecture + timm_edl_conversion)
 
 # Model arguments that describe how a model was created or loaded, not its architecture.
 _RUNTIME_ARGS = (
@@ -118,15 +121,13 @@ def _architecture(model: nn.Module) -> str:
     return arch
 
 
-def _build_on_meta(arch: str, model_args: Dict[str, Any], conversion: Optional[Dict[str, Any]]) -> nn.Module:
+def _build_on_meta(arch: str, model_args: Dict[str, Any]) -> nn.Module:
     """The network config.json describes, without allocating weights (CPU if meta fails)."""
     try:
         with torch.device('meta'):
             model = timm.create_model(arch, pretrained=False, **model_args)
     except (NotImplementedError, RuntimeError):  # a constructor that reads tensor values
         model = timm.create_model(arch, pretrained=False, **model_args)
-    if conversion is not None:
-        apply_conversion(model, conversion)
     return model
 
 
@@ -161,11 +162,10 @@ def _clean_model_args(model: nn.Module) -> Dict[str, Any]:
 
 def _config_for(model: nn.Module, model_args: Dict[str, Any], pretrained_cfg_update: Dict[str, Any],
                 label_names: Optional[Sequence[str]], data_config: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """timm's own config.json for ``model`` (timm.models._hub.save_config_for_hf), as a dict.
+    """timm's own config.json for ``model`` (``save_config_for_hf``), as a dict.
 
     timm only writes it to a file; the export needs it before anything is written (to rebuild
     the network from it and compare), so timm writes it into a temporary folder first."""
-    from timm.models._hub import save_config_for_hf
     saved = getattr(model, '_model_args', None)
     model._model_args = _clean_model_args(model)
     model_config: Dict[str, Any] = {'pretrained_cfg': pretrained_cfg_update}
@@ -270,7 +270,7 @@ def export(
         card_notes: Markdown appended to the card's evaluation (e.g. a ``## Training`` section).
 
     The export is checked before anything is written: ``timm.create_model(architecture,
-    **model_args)`` (plus the recorded conversion) must rebuild a network with the same
+    **model_args)`` must rebuild a network with the same
     state-dict keys, shapes and EDL options, else :class:`ExportError`.  Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
@@ -279,11 +279,19 @@ def export(
         model = model.module
     kind = _kind(model)
     arch = _architecture(model)
+    extra_args = dict(model_args or {})
+    if kind == 'edlnet':
+        config_arch = arch
+        extra_args = {**_edl_model_args(model), **extra_args}
+    else:  # the card and the default name speak of the base architecture
+        config_arch = CONVERTED_ARCH
+        arch, converted_args = converted_model_args(model)
+        extra_args = {**converted_args, **extra_args}
     results = read_eval_results(eval_results)
     compare = {label: read_eval_results(r) for label, r in (compare_results or {}).items()}
     digest = state_dict_digest(model)
     for r in results:
-        if r.get('architecture') and timm.is_model(r['architecture']) and r['architecture'] != arch:
+        if r.get('architecture') and timm.is_model(r['architecture']) and r['architecture'] not in (arch, config_arch):
             raise ExportError(f"the evaluation results are for {r['architecture']!r}, the model is {arch!r}")
         if r.get('weights_digest') and r['weights_digest'] != digest:
             raise ExportError(
@@ -302,26 +310,19 @@ def export(
     elif len(label_names) != num_classes:
         raise ValueError(f"{len(label_names)} label_names for a model with {num_classes} classes")
 
-    extra_args = dict(model_args or {})
-    conversion = None
-    if kind == 'edlnet':
-        extra_args = {**_edl_model_args(model), **extra_args}
-    else:
-        conversion = conversion_config(model)
-        conversion['timm_version'] = timm.__version__
     new_tag = model_name[len(arch) + 1:] if model_name.startswith(arch + '.') else tag
     summary = C.summary(model, arch, kind, num_classes, results)
     data_config = _default_data_config(model, kind, results, data_config)
-    cfg_update = {'tag': new_tag, 'license': license, 'description': summary}
+    cfg_update = {'architecture': config_arch, 'tag': new_tag, 'license': license, 'description': summary}
     config = _config_for(model, extra_args, cfg_update, label_names, data_config)
-    rebuilt = _build_on_meta(arch, dict(config.get('model_args') or {}), conversion)
+    rebuilt = _build_on_meta(config_arch, dict(config.get('model_args') or {}))
     names = [n for n, _ in edl_layers(model)]
     if kind == 'edlnet' and 'edl_layers' not in (model_args or {}) and names != [n for n, _ in edl_layers(rebuilt)]:
         # the policy no longer describes the EDL layers (e.g. a converted conv twin): list them
         extra_args['edl_layers'] = _names_regex(names) if names else 'none'
         config = _config_for(model, extra_args, cfg_update, label_names, data_config)
-        rebuilt = _build_on_meta(arch, dict(config.get('model_args') or {}), conversion)
-    _compare_rebuild(model, rebuilt, arch)
+        rebuilt = _build_on_meta(config_arch, dict(config.get('model_args') or {}))
+    _compare_rebuild(model, rebuilt, config_arch)
     if not config.get('pretrained_cfg', {}).get('tag'):
         config['pretrained_cfg'].pop('tag', None)
 
@@ -357,8 +358,6 @@ def export(
         timm_edl_version=version(), timm_version=timm.__version__, torch_version=torch.__version__,
         weights_sha256=file_sha256(tmp_weights), weights_digest=digest, evaluation=results,
     )
-    if conversion is not None:
-        config['timm_edl_conversion'] = conversion
     _write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + '\n')
     _write_text(out_dir / CARD_NAME, card)
     os.replace(tmp_weights, out_dir / WEIGHTS_NAME)
@@ -413,9 +412,9 @@ def verify_export(folder: Union[str, Path]) -> Dict[str, Any]:
     sha = (config.get('timm_edl') or {}).get('weights_sha256')
     if sha and file_sha256(folder / WEIGHTS_NAME) != sha:
         raise CorruptCheckpointError(f"{folder / WEIGHTS_NAME} does not match the sha256 recorded in config.json")
-    arch = config.get('architecture')
+    arch, model_args = model_recipe(config)
     require_registered(arch, str(folder))
-    rebuilt = _build_on_meta(arch, dict(config.get('model_args') or {}), config.get('timm_edl_conversion'))
+    rebuilt = _build_on_meta(arch, model_args)
     check_state_dict(rebuilt, {k: torch.empty(s, device='meta') for k, (_, s) in header.items()}, strict=True)
     return config
 

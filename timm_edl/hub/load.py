@@ -1,9 +1,12 @@
 """Loading a model from the Hub, a local export or timm's registry, with clear errors.
 
 The folder is read the way timm reads it (``load_model_config_from_path`` /
-``load_model_config_from_hf`` for config.json); the weights go through the pickle gate of
-:mod:`timm_edl.weights`, the sha256 recorded at export, and a key/shape check before anything
-is copied.  A converted timm model gets its ``timm_edl_conversion`` re-applied first.
+``load_model_config_from_hf`` for config.json, timm's preferred weights file names); the
+weights go through :func:`timm_edl.weights.load_checkpoint` (the pickle gate, the
+safetensors checks and a key/shape check before anything is copied) after the sha256
+recorded at export.  A converted timm model is built by the ``edl_converted`` architecture;
+an export that names its base architecture plus a ``timm_edl_conversion`` block (the format
+of earlier timm-edl releases) is read as one too.
 """
 import difflib
 import json
@@ -14,14 +17,14 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch.nn as nn
 
 import timm
-from timm.models import parse_model_name
+from timm.models import load_model_config_from_hf, parse_model_name
 
-from ..convert import apply_conversion
+from .._timm_compat import EXT_PRIORITY, PREFERRED_FILES, load_model_config_from_path
+from ..models.converted import CONVERTED_ARCH
 from ..weights import (
-    CONFIG_NAME, WEIGHTS_NAME, CorruptCheckpointError, check_safetensors_file, check_state_dict,
-    file_sha256, hf_download, is_pickle_name, load_checkpoint, read_state_dict, refuse_pickle,
+    CONFIG_NAME, WEIGHTS_NAME, CorruptCheckpointError, check_safetensors_file, file_sha256, hf_download,
+    is_pickle_name, load_checkpoint, refuse_pickle,
 )
-
 
 
 class ArchitectureNotRegisteredError(RuntimeError):
@@ -41,13 +44,27 @@ def version() -> str:
     return __version__
 
 
+def model_recipe(config: Dict[str, Any]) -> Tuple[Optional[str], Dict[str, Any]]:
+    """``(architecture, model_args)`` of a config.json: what ``timm.create_model`` builds.
+
+    An export of a converted model made by earlier timm-edl releases names the base
+    architecture and carries the conversion in a ``timm_edl_conversion`` block: it is read
+    as ``edl_converted`` with ``base_model`` and ``conversion``, as exports record it now.
+    """
+    arch, model_args = config.get('architecture'), dict(config.get('model_args') or {})
+    legacy = config.get('timm_edl_conversion')
+    if legacy is not None and arch != CONVERTED_ARCH:
+        arch, model_args = CONVERTED_ARCH, {**model_args, 'base_model': arch, 'conversion': legacy}
+    return arch, model_args
+
+
 def require_registered(arch: Optional[str], where: str) -> None:
     if not arch:
         raise ValueError(f"{where}: config.json has no 'architecture'")
     if not timm.is_model(arch):
         raise ArchitectureNotRegisteredError(
             f"{where}: config.json names architecture {arch!r}, which timm does not know. timm-edl "
-            f"architectures (edlnet_*) exist only after `import timm_edl` (timm has no plugin discovery): "
+            f"architectures (edlnet_*, edl_converted) exist only after `import timm_edl` (timm has no plugin discovery): "
             f"import it before timm.create_model. timm-edl {version()} (with timm {timm.__version__}) is "
             f"loaded and does not define it either: a newer timm-edl or timm may be needed.")
 
@@ -71,8 +88,8 @@ class _Files:
         except EntryNotFoundError:  # also LocalEntryNotFoundError (offline, not cached)
             return None
 
-    def config(self) -> Tuple[Dict[str, Any], Dict[str, Any], str, Dict[str, Any]]:
-        from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+    def config(self) -> Tuple[Dict[str, Any], Dict[str, Any], Optional[str], Dict[str, Any]]:
+        """(config.json as written, timm's pretrained_cfg, architecture, model_args)."""
         path = self.get(CONFIG_NAME)
         if path is None:
             offline = ''
@@ -83,19 +100,19 @@ class _Files:
             raise FileNotFoundError(f"{self.where}: no {CONFIG_NAME} found{offline}")
         raw = json.loads(path.read_text(encoding='utf-8'))
         if self.source == 'local-dir':
-            pretrained_cfg, arch, model_args = load_model_config_from_path(self.ident)
+            pretrained_cfg, _, _ = load_model_config_from_path(self.ident)
         else:
-            pretrained_cfg, arch, model_args = load_model_config_from_hf(self.ident, cache_dir=self.cache_dir)
-        return raw, pretrained_cfg, arch, dict(model_args or {})
+            pretrained_cfg, _, _ = load_model_config_from_hf(self.ident, cache_dir=self.cache_dir)
+        arch, model_args = model_recipe(raw)
+        return raw, pretrained_cfg, arch, model_args
 
     def weights(self, allow_pickle: bool) -> Path:
         """The weights file timm's loaders would read (their preferred names, then for a folder the
         first file per extension in their priority order), after the pickle gate."""
-        from timm.models._hub import _EXT_PRIORITY, _PREFERRED_FILES  # not exported by timm.models
-        candidates = list(_PREFERRED_FILES)
+        candidates = list(PREFERRED_FILES)
         if self.source == 'local-dir':
             folder = Path(self.ident)
-            candidates += [files[0].name for ext in _EXT_PRIORITY if (files := sorted(folder.glob(f'*{ext}')))]
+            candidates += [files[0].name for ext in EXT_PRIORITY if (files := sorted(folder.glob(f'*{ext}')))]
         for name in candidates:
             path = self.get(name)
             if path is not None:
@@ -103,6 +120,17 @@ class _Files:
                     raise refuse_pickle(f"{self.where}/{name}")
                 return path
         raise FileNotFoundError(f"{self.where}: no {WEIGHTS_NAME} found (nor any other weights file)")
+
+
+def weights_path(path: Union[str, Path], *, allow_pickle: bool = False) -> Path:
+    """A weights file, or the one an export folder holds (timm's preferred names first), after
+    the pickle gate; ``FileNotFoundError`` when there is none."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return _Files('local-dir', str(path), None).weights(allow_pickle)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    return path
 
 
 def _parse_source(name: str) -> Tuple[Optional[str], str]:
@@ -134,8 +162,9 @@ def load(
         strict: the weights must match the model exactly.
         cache_dir: Hub cache folder (default: huggingface_hub's).
         verify_sha256: check the weights against the sha256 recorded by :func:`export`.
-        **kwargs: ``timm.create_model`` arguments, e.g. ``num_classes`` (a new head, reset
-            after loading), ``features_only=True``, ``drop_path_rate``.
+        **kwargs: ``timm.create_model`` arguments, e.g. ``num_classes`` (another number of
+            classes: the classifier stays as built, as in timm), ``features_only=True``,
+            ``drop_path_rate``.
 
     Errors: :class:`ArchitectureNotRegisteredError`, :class:`CorruptCheckpointError`,
     :class:`UnsafeCheckpointError`, :class:`StateDictMismatchError`,
@@ -150,15 +179,9 @@ def load(
     files = _Files(source, ident, cache_dir)
     raw, pretrained_cfg, arch, model_args = files.config()
     require_registered(arch, files.where)
-    conversion = raw.get('timm_edl_conversion')
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    features = bool(kwargs.get('features_only', False))
-    num_classes = kwargs.pop('num_classes', None)
-    args = {**model_args, **kwargs}
     model = timm.create_model(arch, pretrained=False, pretrained_cfg=pretrained_cfg,
-                              pretrained_model_args=model_args, **args)
-    if conversion is not None:
-        apply_conversion(model, conversion)
+                              pretrained_model_args=model_args, **{**model_args, **kwargs})
     if pretrained:
         path = files.weights(allow_pickle)
         sha = (raw.get('timm_edl') or {}).get('weights_sha256')
@@ -168,11 +191,8 @@ def load(
                 raise CorruptCheckpointError(
                     f"{files.where}/{WEIGHTS_NAME} does not match the sha256 recorded in config.json at export: "
                     f"the file is corrupt or was replaced. Download / export it again.")
-        state_dict = read_state_dict(path, allow_pickle=allow_pickle)
-        check_state_dict(model, state_dict, strict, allow_unexpected=features)
-        model.load_state_dict(state_dict, strict=False)
-    if num_classes is not None and not features and num_classes != getattr(model, 'num_classes', num_classes):
-        model.reset_classifier(num_classes)
+        load_checkpoint(model, path, allow_pickle=allow_pickle, strict=strict,
+                        allow_unexpected=bool(kwargs.get('features_only')), new_head='num_classes' in kwargs)
     return model
 
 
@@ -190,6 +210,41 @@ def _unknown_model_error(name: str) -> ModelSpecError:
 
 def _load_error(spec: str, error: Exception) -> ModelSpecError:
     return ModelSpecError(f"cannot load model {spec!r}: {type(error).__name__}: {error}")
+
+
+def _model_for_file(path: Path, arch: Optional[str], kwargs: Dict[str, Any], num_classes: Optional[int],
+                    in_chans: Optional[int], allow_pickle: bool) -> nn.Module:
+    """The model a weights file holds: architecture from ``arch`` or a config.json beside it."""
+    if not path.is_file():
+        raise ModelSpecError(f"checkpoint not found: {path.absolute()}")
+    config_file = path.parent / CONFIG_NAME
+    config: Dict[str, Any] = {}
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text(encoding='utf-8'))
+        except ValueError as e:
+            raise ModelSpecError(f"{config_file} is not valid JSON: {e}") from None
+    if arch is None and path.name == WEIGHTS_NAME and config.get('architecture'):
+        return load(f'local-dir:{path.parent}', allow_pickle=allow_pickle, **kwargs)
+    config_arch, args = model_recipe(config)
+    arch = arch or config_arch
+    if not arch:
+        raise ModelSpecError(
+            f"{path}: a weights file needs its architecture: pass --arch NAME (e.g. --arch "
+            f"edlnet_resnet18 plus --model-kwargs), or keep the config.json that "
+            f"`timm-edl export` writes next to it")
+    if not timm.is_model(timm.models.split_model_name_tag(arch)[0]):
+        raise _unknown_model_error(arch)
+    if config.get('num_classes') is not None:
+        args.setdefault('num_classes', config['num_classes'])
+    if not config:
+        if num_classes is not None:
+            args.setdefault('num_classes', num_classes)
+        if in_chans is not None:
+            args.setdefault('in_chans', in_chans)
+    model = timm.create_model(arch, pretrained=False, **{**args, **kwargs})
+    load_checkpoint(model, path, allow_pickle=allow_pickle)
+    return model
 
 
 def resolve_model(
@@ -232,38 +287,7 @@ def resolve_model(
             model = load(ident, allow_pickle=allow_pickle, **kwargs)
             source.update(kind='hub' if ident.startswith('hf-hub:') else 'local-dir', weights=ident)
         elif path.is_file() or spec.lower().endswith(CHECKPOINT_SUFFIXES):
-            if not path.is_file():
-                raise ModelSpecError(f"checkpoint not found: {path.absolute()}")
-            config_file = path.parent / 'config.json'
-            config: Dict[str, Any] = {}
-            if config_file.is_file():
-                try:
-                    config = json.loads(config_file.read_text(encoding='utf-8'))
-                except ValueError as e:
-                    raise ModelSpecError(f"{config_file} is not valid JSON: {e}") from None
-            if arch is None and path.name == 'model.safetensors' and config.get('architecture'):
-                model = load(f'local-dir:{path.parent}', allow_pickle=allow_pickle, **kwargs)
-            else:
-                arch = arch or config.get('architecture')
-                if not arch:
-                    raise ModelSpecError(
-                        f"{spec}: a weights file needs its architecture: pass --arch NAME (e.g. --arch "
-                        f"edlnet_resnet18 plus --model-kwargs), or keep the config.json that "
-                        f"`timm-edl export` writes next to it")
-                base, _ = timm.models.split_model_name_tag(arch)
-                if not timm.is_model(base):
-                    raise _unknown_model_error(arch)
-                args = dict(config.get('model_args') or {})
-                if config.get('num_classes') is not None:
-                    args.setdefault('num_classes', config['num_classes'])
-                if not config:
-                    if num_classes is not None:
-                        args.setdefault('num_classes', num_classes)
-                    if in_chans is not None:
-                        args.setdefault('in_chans', in_chans)
-                args.update(kwargs)
-                model = timm.create_model(arch, pretrained=False, **args)
-                load_checkpoint(model, path, allow_pickle=allow_pickle)
+            model = _model_for_file(path, arch, kwargs, num_classes, in_chans, allow_pickle)
             source.update(kind='checkpoint', weights=str(path))
         else:
             base, tag = timm.models.split_model_name_tag(spec)

@@ -90,7 +90,10 @@ Design choices (keyword arguments; defaults in brackets):
     step rules.  ``memory_efficient`` [False] recomputes the layer in the backward
     instead of storing its intermediates.  ``compile_solver`` [False] runs :func:`rista`
     through ``torch.compile`` (one compiled solver per layer geometry).  Optional; needs
-    a working ``torch.compile`` (a C++ compiler on CPU, Triton on GPU).
+    a working ``torch.compile`` (a C++ compiler on CPU, Triton on GPU).  ``torch.compile``
+    of a whole model runs :func:`rista` in the graph (the compiler fuses its elementwise
+    work) and the step-size cache outside it: one graph break per layer, and no recompile
+    when the weights change.
 
 Caveat of ``init='zero', reweight='floor'`` (the original layer): a layer whose beta
 reaches 0 sees, in its first step, only ``clip(x, -eps, eps) / (2 eps)``, i.e. ``sign(x)``
@@ -369,6 +372,15 @@ class EDLConv2d(nn.Module):
         """(in-place version counter, storage address) of the weight: changes on every update."""
         return [int(self.weight._version), int(self.weight.data_ptr())]
 
+    @torch.jit.unused
+    @torch.compiler.disable
+    def _lipschitz_eager(self, weight: torch.Tensor, in_size: List[int]) -> torch.Tensor:
+        """:meth:`_lipschitz`, always run eagerly: under ``torch.compile`` the cache check reads
+        the weight's version counter and storage address, which a compiled graph would guard on
+        (a recompile per layer and per update); run outside the graph it costs one graph break
+        per layer and no recompile."""
+        return self._lipschitz(weight, in_size)
+
     def _lipschitz(self, weight: torch.Tensor, in_size: List[int]) -> torch.Tensor:
         """L = ||A||^2 at ``in_size``, recomputed only when the weight or the size changed.
 
@@ -416,10 +428,16 @@ class EDLConv2d(nn.Module):
         if weight.dtype != x.dtype:
             weight = weight.to(x.dtype)
         in_size = [x.shape[-2], x.shape[-1]]
-        L = self._lipschitz(weight, in_size)
+        if torch.jit.is_scripting():
+            L = self._lipschitz(weight, in_size)
+            reference = True
+        else:
+            L = self._lipschitz_eager(weight, in_size)
+            # compiled: the reference solver, whose elementwise work the compiler fuses itself
+            reference = torch.compiler.is_compiling()
         beta = self.beta_value()
         lam = self.lam_value()
-        if torch.jit.is_scripting():
+        if reference:
             z = rista(
                 x, weight, beta, lam, L, self.stride, self.padding, self.num_steps,
                 self.eps, self.nonneg, self.step_rule, self.step_scale, None, self.init, self.reweight)

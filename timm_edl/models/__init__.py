@@ -1,1 +1,2 @@
 from .edlnet import *
+from .converted import *

@@ -24,8 +24,8 @@ from timm.layers import (
 from timm.models import (
     build_model_with_cfg, checkpoint_seq, register_model, resolve_pretrained_cfg,
 )
-from timm.models._features import feature_take_indices  # not exported by timm.models / timm.layers
 
+from .._timm_compat import feature_take_indices
 from ..convert import EDL_DEFAULTS, convert_to_edl
 from ..data.constants import CIFAR10_MEAN, CIFAR10_STD
 from ..layers import with_legacy_options

@@ -375,10 +375,12 @@ def read_recipe(path: os_PathLike) -> Dict[str, Any]:
 
 
 
-def load_config(path: Optional[os_PathLike] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the recipe at ``path`` (if any), then ``--key value`` overrides."""
-    values = read_recipe(path) if path is not None else {}
-    values = apply_overrides(values, parse_overrides(overrides))
+def load_config(path: Optional[os_PathLike] = None, overrides: Sequence[str] = (),
+                values: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Defaults, then the recipe at ``path`` (if any), then ``values`` (recipe keys set by the
+    command line's model options), then ``--key value`` overrides."""
+    recipe = read_recipe(path) if path is not None else {}
+    values = apply_overrides({**recipe, **(values or {})}, parse_overrides(overrides))
     cfg = build_config(values, str(path) if path is not None else 'the command line')
     if cfg.output is None:
         name = cfg.model.split(':')[-1].replace('/', '_')

@@ -11,14 +11,13 @@ optimizer.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 import timm
-from timm.models import load_pretrained, parse_model_name, split_model_name_tag
+from timm.models import parse_model_name, split_model_name_tag
 
 from .. import data as D
 from .. import weights
@@ -29,7 +28,7 @@ from .config import ConfigError, TrainConfig
 __all__ = ['build_model', 'load_initial_weights', 'param_groups', 'beta_metrics', 'stage_for', 'enter_stage']
 
 
-def _is_edlnet(model_name: str) -> bool:
+def _names_edlnet(model_name: str) -> bool:
     source, name = parse_model_name(model_name)
     return source is None and split_model_name_tag(name)[0].startswith('edlnet_')
 
@@ -37,8 +36,6 @@ def _is_edlnet(model_name: str) -> bool:
 def build_model(cfg: TrainConfig, info: D.DatasetInfo, log=print) -> nn.Module:
     """Create the model the config asks for: timm model (+ pretrained weights), optional
     checkpoint, optional conv -> EDL conversion.  Runs on CPU, before accelerate."""
-    import timm_edl  # noqa: F401  (registers the edlnet_* models)
-
     from ..hub import ModelSpecError, resolve_model
     source, name = parse_model_name(cfg.model)
     if source is None and not timm.is_model(split_model_name_tag(name)[0]):
@@ -47,7 +44,7 @@ def build_model(cfg: TrainConfig, info: D.DatasetInfo, log=print) -> nn.Module:
     kwargs = dict(cfg.model_kwargs)
     kwargs['num_classes'] = info.num_classes
     kwargs['in_chans'] = info.in_chans
-    if _is_edlnet(cfg.model):  # normalise with the dataset's statistics unless told otherwise
+    if _names_edlnet(cfg.model):  # normalise with the dataset's statistics unless told otherwise
         kwargs.setdefault('input_mean', tuple(info.mean))
         kwargs.setdefault('input_std', tuple(info.std))
     try:
@@ -87,62 +84,29 @@ def _convert(model: nn.Module, cfg: TrainConfig, log) -> None:
     log(f"converted {len(edl_layers(model))} convolutions to EDL layers (policy {cfg.convert!r})")
 
 
-def _weights_file(checkpoint: str) -> Path:
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        found = next((c for c in (path / 'model.safetensors', path / 'pytorch_model.bin') if c.is_file()), None)
-        if found is None:
-            raise ConfigError(f"checkpoint folder {path} holds neither model.safetensors nor pytorch_model.bin")
-        path = found
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {checkpoint!r} not found")
-    return path
-
-
 def load_initial_weights(model: nn.Module, checkpoint: str, *, allow_pickle: bool = False, log=print) -> None:
     """Load a state-dict file or an export folder into ``model``; a classifier trained for
-    another number of classes is left as the model built it.
+    another number of classes is left as the model built it (timm's fine-tuning rule).
 
-    The file is read by :func:`timm_edl.weights.read_state_dict` (a pickle file is refused with
-    :class:`~timm_edl.weights.UnsafeCheckpointError` unless ``allow_pickle``; prefixes cleaned by
-    timm's ``load_state_dict``) and loaded by timm's ``load_pretrained``, which drops the classifier
-    when the class counts differ.  Any other difference is a :class:`ConfigError`.
+    The weights go through :func:`timm_edl.weights.load_checkpoint` (a pickle file is refused
+    with :class:`~timm_edl.weights.UnsafeCheckpointError` unless ``allow_pickle``; keys and
+    shapes checked before anything is copied).  Any other difference is a :class:`ConfigError`.
     """
-    path = _weights_file(checkpoint)
+    from ..hub.load import weights_path
     try:
-        state = weights.read_state_dict(path, allow_pickle=allow_pickle)
+        path = weights_path(checkpoint, allow_pickle=allow_pickle)
+        kept = weights.load_checkpoint(model, path, allow_pickle=allow_pickle, new_head=True)
     except weights.UnsafeCheckpointError:  # a ValueError too: it keeps its type, as everywhere in the package
         raise
+    except weights.StateDictMismatchError as error:
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not fit {type(model).__name__}: {error} (an EDL checkpoint needs the same "
+            f"edl_layers as the model; load a conv checkpoint into the conv twin, model_kwargs edl_layers: none, "
+            f"and use convert: to turn it into EDL layers)") from error
     except (OSError, ValueError) as error:
-        raise ConfigError(f"cannot read checkpoint {path}: {error}") from error
-    pretrained_cfg = dict(getattr(model, 'pretrained_cfg', None) or {})
-    classifier = pretrained_cfg.get('classifier') or ()
-    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    own = model.state_dict()
-    head_classes = next((state[f'{h}.weight'].shape[0] for h in heads if f'{h}.weight' in state), None)
-    num_classes = getattr(model, 'num_classes', head_classes)
-    new_head = head_classes is not None and head_classes != num_classes
-    head_keys = {f'{h}.{p}' for h in heads for p in ('weight', 'bias')} if new_head else set()
-    dropped = [k for k in state if k in head_keys]
-    bad = [k for k in state if k in own and k not in dropped and state[k].shape != own[k].shape]
-    if bad:
-        raise ConfigError(f"checkpoint {path} does not fit {type(model).__name__}: shape mismatch for "
-                          f"{', '.join(bad[:5])} (e.g. {tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})")
-    missing = [k for k in own if k not in state and k not in head_keys]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        hint = (" (an EDL checkpoint needs the same edl_layers as the model; load a conv checkpoint into the "
-                "conv twin, model_kwargs edl_layers: none, and use convert: to turn it into EDL layers)")
-        raise ConfigError(f"checkpoint {path} does not match {type(model).__name__}: missing "
-                          f"{missing[:5]}, unexpected {unexpected[:5]}{hint}")
-    # timm's own pretrained path with the weights passed in: `source` and `label_offset` reset so
-    # that nothing else is read or sliced, in_chans as the cfg says so that nothing is adapted
-    in_chans = (pretrained_cfg.get('input_size') or (3,))[0]
-    load_pretrained(model, dict(pretrained_cfg, source='', state_dict=state, label_offset=0,
-                                num_classes=head_classes if head_classes is not None else num_classes),
-                    num_classes=num_classes, in_chans=in_chans)
-    log(f"loaded weights from {path}" + (f" (classifier {', '.join(dropped)} re-initialised: "
-                                         f"different number of classes)" if dropped else ''))
+        raise ConfigError(f"cannot read checkpoint {checkpoint}: {error}") from error
+    log(f"loaded weights from {path}" + (f" (classifier {', '.join(kept)} re-initialised: "
+                                         f"different number of classes)" if kept else ''))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:

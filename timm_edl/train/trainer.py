@@ -33,6 +33,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from .. import data as D
+from .._accelerate_compat import reset_accelerate_state
 from ..layers.edl import edl_layers
 from .checkpoint import (
     CHECKPOINT_DIR, RUN_MARKER, SUMS, RunDirError, TrainState, check_run_dir, check_same_recipe, latest_checkpoint,
@@ -72,7 +73,7 @@ def train(cfg: TrainConfig, *, resume: Union[None, bool, str] = None, overwrite:
         return _train(cfg, resume=resume, overwrite=overwrite)
     finally:
         if int(os.environ.get('WORLD_SIZE', '1')) == 1:
-            _reset_accelerate_singletons()
+            reset_accelerate_state()
 
 
 def _train(cfg: TrainConfig, *, resume: Union[None, bool, str], overwrite: bool) -> TrainResult:
@@ -228,14 +229,3 @@ def _start_run(cfg: TrainConfig, resume: Union[None, bool, str], overwrite: bool
         scheduler=scheduler, ema=ema, train_loader=train_loader, sampler=data.sampler, val_loader=val_loader,
         state=state, eps=eps, val_eps=cfg.val_eps if cfg.val_eps is not None else eps, info=info,
         has_edl=has_edl, ddp_param_ids=ddp_param_ids, stage=stage)
-
-
-def _reset_accelerate_singletons() -> None:
-    """Let a later in-process run (tests, notebooks) pick other accelerate settings
-    (mixed precision, accumulation); single-process runs only."""
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    except (ImportError, AttributeError):  # private API of accelerate; best effort
-        pass
