@@ -246,6 +246,136 @@ def test_l2_and_l1_use_robustbench_radii(threat_model, eps_text, honest_model, t
             evaluate(honest_model, x, y, quick_config(threat_model='L1', pgd_steps=3), log=lambda m: None)
 
 
+# ----------------------------------------------------------------------------- the report against direct runs
+
+def _direct(model, x, y, batch_size, attack):
+    """Correctness per point after ``attack(x_batch, y_batch)``, batch by batch, without the
+    evaluation's machinery."""
+    out = []
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        with torch.no_grad():
+            out.append(model(attack(xb, yb)).argmax(-1) == yb)
+    return torch.cat(out)
+
+
+def _fraction(correct):
+    return int(correct.sum()) / len(correct)
+
+
+def _direct_pgd(model, x, y, *, eps=EPS, steps=5, restarts=1, seed=0, grad_model=None, batch_size=8):
+    from timm_edl.attacks import pgd_attack
+    g = torch.Generator().manual_seed(seed)  # one generator over the batches, like the evaluation
+    return _direct(model, x, y, batch_size, lambda xb, yb: pgd_attack(
+        model, xb, yb, eps=eps, norm='Linf', steps=steps, restarts=restarts, random_start=True,
+        grad_model=grad_model, keep_best=True, generator=g))
+
+
+def test_report_rows_and_checks_match_direct_runs(honest_model, test_points):
+    """Every row, per-point result, sweep point, ladder rung and check of a full report
+    (noise, PGD, AutoAttack, naive, transfer, sweep, checks) equals what the attacks give when
+    run directly with the same seeds, in the documented order and layout."""
+    from timm_edl.attacks import random_noise_attack
+    from timm_edl.evaluation.core import unpack_correct
+    from timm_edl.results import model_index, normalize_result
+    x, y = test_points[0][:16], test_points[1][:16]
+    twin = conv_twin(honest_model)
+    config = quick_config(attacks='noise,pgd,autoattack', aa_attacks=['apgd-ce'], pgd_steps=5, batch_size=8,
+                          check_n=12, grad_points=2, grad_dirs=4, eps_sweep='0,0.05,0.1')
+    r = evaluate(honest_model, x, y, config, dataset='fashion-mnist-small', surrogate=twin, surrogate_name='twin',
+                 log=lambda m: None)
+
+    with torch.no_grad():
+        clean = honest_model(x).argmax(-1) == y
+    g = torch.Generator().manual_seed(0)
+    expected = {
+        'clean': clean,
+        'noise': _direct(honest_model, x, y, 8, lambda xb, yb: random_noise_attack(
+            honest_model, xb, yb, eps=EPS, draws=10, distribution='corners', generator=g)) & clean,
+        'pgd': _direct_pgd(honest_model, x, y) & clean,
+        'autoattack': run_autoattack(honest_model, x, y, threat_model='Linf', eps=EPS, version='custom',
+                                     attacks=['apgd-ce'], seed=0, batch_size=8, progress=False)['correct'] & clean,
+        'naive': _direct_pgd(honest_model, x, y, grad_model=naive_surrogate(honest_model, 'truncate')) & clean,
+        'transfer': _direct_pgd(honest_model, x, y, grad_model=twin) & clean,
+    }
+    expected['worst_case'] = clean & expected['noise'] & expected['pgd'] & expected['autoattack'] & \
+        expected['naive'] & expected['transfer']
+    assert list(r['results']) == ['clean', 'noise', 'pgd', 'autoattack', 'naive', 'transfer', 'worst_case']
+    assert list(r['per_point']) == list(r['results'])
+    for key, correct in expected.items():
+        row = r['results'][key]
+        assert unpack_correct(r['per_point'][key], 16) == correct.tolist(), key
+        assert row['n_correct'] == int(correct.sum()) and row['n'] == 16 and row['accuracy'] == row['n_correct'] / 16
+        assert ('cpu_seconds' in row) == (key != 'worst_case')
+    assert r['results']['worst_case']['attacks'] == ['noise', 'pgd', 'autoattack', 'naive', 'transfer']
+    assert r['results']['pgd']['raw_accuracy'] == _fraction(_direct_pgd(honest_model, x, y))
+    assert r['results']['pgd']['step_size'] == pytest.approx(2.5 * EPS / 5)
+    assert r['results']['autoattack']['label'] == 'AutoAttack custom (apgd-ce)'
+    assert [r[k] for k in ('clean_acc', 'pgd_acc', 'autoattack_acc', 'noise_acc', 'naive_acc', 'transfer_acc',
+                           'worst_case_acc')] == [r['results'][k]['accuracy'] for k in (
+                               'clean', 'pgd', 'autoattack', 'noise', 'naive', 'transfer', 'worst_case')]
+
+    # the sweep on the first 12 points: clean at 0, the PGD row at eps, 0.05 attacked, 0.5 added by the checks
+    m, clean_m = 12, clean[:12]
+    sweep = {p['eps']: p for p in r['eps_sweep']}
+    assert list(sweep) == ['0', '0.05', '0.1', '0.5']
+    assert sweep['0']['accuracy'] == _fraction(clean_m)
+    assert sweep['0.1']['accuracy'] == _fraction(expected['pgd'][:m])
+    assert sweep['0.05']['accuracy'] == _fraction(_direct_pgd(honest_model, x[:m], y[:m], eps=0.05) & clean_m)
+    assert sweep['0.5']['accuracy'] == _fraction(_direct_pgd(honest_model, x[:m], y[:m], eps=0.5) & clean_m)
+    assert [p['added_by_check'] for p in sweep.values()] == [False, False, False, True]
+    assert all(p['n'] == m and p['attack'] == 'PGD-5' for p in sweep.values())
+
+    checks = {c['name']: c for c in r['checks']}
+    assert list(checks) == ['ordering', 'eps-sweep', 'pgd-steps-restarts', 'gradient', 'transfer',
+                            'noise-vs-attack', 'naive-vs-adaptive', 'autoattack-checks']
+    rungs = checks['pgd-steps-restarts']['values']['rungs']
+    assert [(q['steps'], q['restarts'], q['n']) for q in rungs] == [(1, 1, m), (5, 1, m), (10, 2, m)]
+    assert [q['accuracy'] for q in rungs] == [
+        _fraction(_direct_pgd(honest_model, x[:m], y[:m], steps=1, seed=1) & clean_m),
+        _fraction(expected['pgd'][:m]),
+        _fraction(_direct_pgd(honest_model, x[:m], y[:m], steps=10, restarts=2, seed=2) & clean_m)]
+    assert [q['index'] for q in checks['gradient']['values']['points']] == torch.nonzero(clean_m).flatten()[:2].tolist()
+    ordering = checks['ordering']['values']
+    assert ordering['points_pgd_breaks_but_autoattack_does_not'] == int(
+        (expected['autoattack'] & ~expected['pgd']).sum())
+    assert checks['transfer']['values']['surrogate'] == 'twin'
+    assert checks['naive-vs-adaptive']['values']['mode'] == 'truncate'
+    assert list(r['timings']) == ['clean', 'noise', 'pgd', 'autoattack', 'naive', 'transfer', 'eps_sweep',
+                                  'check_ladder', 'check_gradient', 'total']
+    assert list(r['cpu_timings']) == list(r['timings'])
+    assert r['model_index'] == model_index('edlnet_resnet18', [normalize_result({
+        'dataset': 'fashion-mnist-small', 'split': 'test', 'n_ex': 16, 'clean_acc': _fraction(clean),
+        'autoattack_acc': _fraction(expected['autoattack']), 'pgd_acc': _fraction(expected['pgd']),
+        'threat_model': 'Linf', 'eps': EPS, 'eps_text': '0.1', 'version': 'custom', 'pgd_steps': 5,
+        'data_label': 'Fashion-MNIST-small'})])
+
+
+@pytest.mark.parametrize('options, option, message', [
+    (dict(pgd_steps=0), 'pgd_steps', '{} must be >= 1, got 0'),
+    (dict(grad_dirs=1), 'grad_dirs', '{} must be >= 2, got 1'),
+    (dict(threat_model='L1', pgd_steps=3), 'pgd_steps', '{} must be >= 5 for L1'),
+    (dict(naive_mode='nope'), 'naive_mode', "unknown {} 'nope'"),
+    (dict(device='nope'), 'device', "invalid {} 'nope'"),
+    (dict(attacks='autoattack', version='custom'), 'aa_attacks', "needs a list of attacks ({})"),
+    (dict(attacks='noise', noise_dist='gaussian'), 'noise_dist', "unknown {} 'gaussian'"),
+])
+def test_bad_options_name_the_option(options, option, message):
+    """The config names the option; the command line says the same with its flag."""
+    from timm_edl.evaluation import OptionError
+    with pytest.raises(OptionError) as error:
+        EvalConfig(**options).resolve()
+    assert error.value.option == option and message.format(option) in str(error.value)
+    flag = '--' + option.replace('_', '-')
+    assert message.format(flag) in error.value.worded(lambda name: '--' + name.replace('_', '-'))
+
+
+def test_cli_bad_option_names_the_flag(capsys):
+    code, out, err = _cli(['--model', 'edlnet_resnet18', '--dataset', 'fashion-mnist-small', '--pgd-steps', '0'],
+                          capsys)
+    assert code == 2 and 'error: --pgd-steps must be >= 1, got 0' in err and 'Traceback' not in err
+
+
 # ----------------------------------------------------------------------------- AutoAttack
 
 def test_autoattack_on_16_points_is_not_above_pgd(honest_model, test_points):

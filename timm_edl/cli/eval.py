@@ -107,22 +107,43 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _flag(option: str) -> str:
+    """The flag of an evaluation option: ``pgd_steps`` -> ``--pgd-steps``."""
+    return '--' + option.replace('_', '-')
+
+
+def _config(args: argparse.Namespace):
+    """The :class:`~timm_edl.evaluation.EvalConfig` of the flags (the AutoAttack state and
+    log paths are set once the output names are known)."""
+    from ..evaluation.config import EvalConfig
+    from ..threat import canonical_threat_model
+    return EvalConfig(
+        threat_model=canonical_threat_model(args.threat_model), eps=args.eps, attacks=args.attacks,
+        version=args.version,
+        aa_attacks=[a.strip() for a in args.aa_attacks.split(',') if a.strip()] if args.aa_attacks else None,
+        pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_step_size=args.pgd_step_size,
+        noise_draws=args.noise_draws, noise_dist=args.noise_dist,
+        batch_size=args.batch_size, seed=args.seed, device=args.device, eps_sweep=args.eps_sweep,
+        naive=args.naive, naive_mode=args.naive_mode, checks=args.checks, check_n=args.check_n,
+        grad_points=args.grad_points, grad_dirs=args.grad_dirs, tolerance=args.tolerance,
+        progress=not args.no_progress)
+
+
 def _run(args: argparse.Namespace, argv: List[str]) -> int:
+    from dataclasses import replace
+
     from ..data import DatasetError, dataset_info, get_dataset, load_tensors
-    from ..evaluation.core import EvalConfig, evaluate
+    from ..evaluation.config import OptionError
+    from ..evaluation.core import evaluate
     from ..evaluation.errors import EvaluationError
     from ..evaluation.models import conv_twin, load_model
     from ..evaluation.report import markdown, output_stem, reserve_stem, write_outputs
-    from ..threat import canonical_threat_model, default_eps, parse_eps, parse_eps_list
     from .args import parse_kwargs
 
     try:
         # everything that can be checked before loading anything heavy
-        threat_model = canonical_threat_model(args.threat_model)
-        if args.eps is not None:
-            parse_eps(args.eps, threat_model)
-        if args.eps_sweep:
-            parse_eps_list(args.eps_sweep, threat_model)
+        config = _config(args)
+        config.resolve()
         if args.n_ex is not None and args.n_ex < 1:
             raise EvaluationError(f"--n-ex must be >= 1, got {args.n_ex}")
         model_opts = model_options(args)
@@ -148,25 +169,17 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
                                           num_classes=info_ds.num_classes, in_chans=x.shape[1],
                                           allow_pickle=args.allow_pickle)
                 surrogate_name = args.surrogate
-        eps_text = args.eps.replace(' ', '') if args.eps else default_eps(threat_model, info_ds.default_eps_linf)[0]
+        eps_text = config.resolve(info_ds.default_eps_linf).eps_text
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = reserve_stem(out_dir, output_stem({
             'model': {'spec': args.model}, 'architecture': source['architecture'], 'dataset': info_ds.name,
-            'threat_model': threat_model, 'eps_text': eps_text}), args.overwrite)
+            'threat_model': config.threat_model, 'eps_text': eps_text}), args.overwrite)
         state_dir = out_dir / '.autoattack-state'
         log_file = out_dir / f"{stem}.autoattack.log"
         if args.overwrite and log_file.exists():
             log_file.unlink()
-        config = EvalConfig(
-            threat_model=threat_model, eps=args.eps, attacks=args.attacks, version=args.version,
-            aa_attacks=[a.strip() for a in args.aa_attacks.split(',') if a.strip()] if args.aa_attacks else None,
-            pgd_steps=args.pgd_steps, pgd_restarts=args.pgd_restarts, pgd_step_size=args.pgd_step_size,
-            noise_draws=args.noise_draws, noise_dist=args.noise_dist,
-            batch_size=args.batch_size, seed=args.seed, device=args.device, eps_sweep=args.eps_sweep,
-            naive=args.naive, naive_mode=args.naive_mode, checks=args.checks, check_n=args.check_n,
-            grad_points=args.grad_points, grad_dirs=args.grad_dirs, tolerance=args.tolerance,
-            progress=not args.no_progress, state_dir=state_dir, log_file=log_file)
+        config = replace(config, state_dir=state_dir, log_file=log_file)
         if args.no_resume and state_dir.is_dir():
             for f in state_dir.glob('autoattack-*.json'):
                 f.unlink()
@@ -176,6 +189,8 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
             n_total = None
         report = evaluate(model, x, y, config, dataset=info_ds, split=args.split, model_source=source, n_total=n_total,
                           surrogate=surrogate, surrogate_name=surrogate_name, info=info)
+    except OptionError as e:
+        return fail('eval', e.worded(_flag))
     except usage_errors() as e:
         return fail('eval', e)
     report['command'] = 'timm-edl eval ' + ' '.join(shlex.quote(a) for a in argv)

@@ -25,6 +25,8 @@ The checks (see docs/evaluation.md for the reasoning):
                              gradient while the loss changes at the scale of eps.
 ``autoattack-checks``        every warning pyautoattack logs (randomised or dynamic defence,
                              zero gradients, Square beating the gradient attacks, ...).
+
+:func:`evaluation_checks` assembles them for one evaluation from its rows and measurements.
 """
 import copy
 from dataclasses import asdict, dataclass, field
@@ -40,7 +42,8 @@ from ..results import pct_text as _pct
 
 __all__ = [
     'Check', 'STATUSES', 'gradient_check', 'check_gradient', 'check_ordering', 'check_sweep',
-    'check_ladder', 'check_transfer', 'check_naive', 'check_autoattack_log', 'tolerance_for',
+    'check_ladder', 'check_transfer', 'check_naive', 'check_noise', 'check_autoattack_log', 'evaluation_checks',
+    'tolerance_for',
     'FD_COSINE_MIN', 'NEAR_ZERO_ACCURACY', 'ZO_COSINE_WARN', 'PGD_AA_GAP',
 ]
 
@@ -353,3 +356,50 @@ def check_autoattack_log(warnings: Optional[List[str]], ran: bool) -> Check:
     return Check('autoattack-checks', 'passed',
                  "no AutoAttack warning (randomised/dynamic defence, zero gradients, Square vs gradient attacks)",
                  {'warnings': []})
+
+
+# ----------------------------------------------------------------------------- one evaluation's checks
+
+def evaluation_checks(results: Dict[str, Dict[str, Any]], per_point: Dict[str, torch.Tensor],
+                      measured: Dict[str, Any], *, n: int, tolerance: float, attack_label: str) -> List[Check]:
+    """Every check of one evaluation, in report order.
+
+    Args:
+        results: the report's rows by attack (``clean``, ``pgd``, ``autoattack``, ``noise``,
+            ``naive``, ``transfer``; only those that ran), each with its ``accuracy`` over the
+            ``n`` points.
+        per_point: (n,) bool robust correctness by attack (for points PGD breaks and
+            AutoAttack does not).
+        measured: what was measured for the checks: ``sweep`` (:func:`check_sweep`'s
+            ``points``, ``n``, ``require_zero``), ``ladder`` (:func:`check_ladder`'s
+            ``rungs``, ``n``), ``gradient`` (:func:`gradient_check`'s result, or None when no
+            point qualified); a missing key: not measured, no check.
+        attack_label: name of the white-box attack (``PGD-50``).
+    """
+    def acc(key: str) -> Optional[float]:
+        return results.get(key, {}).get('accuracy')
+
+    white_box = acc('pgd')
+    both = 'pgd' in per_point and 'autoattack' in per_point
+    checks = [check_ordering(
+        acc('clean'), white_box, acc('autoattack'), n=n, tolerance=tolerance,
+        pgd_raw=results.get('pgd', {}).get('raw_accuracy'),
+        aa_only_broken_by_pgd=int((per_point['autoattack'] & ~per_point['pgd']).sum()) if both else None)]
+    if 'sweep' in measured:
+        checks.append(check_sweep(tolerance=tolerance, **measured['sweep']))
+    if 'ladder' in measured:
+        checks.append(check_ladder(tolerance=tolerance, **measured['ladder']))
+    if 'gradient' in measured:
+        checks.append(check_gradient(measured['gradient']))
+    surrogate = results.get('transfer', {}).get('surrogate')
+    checks.append(check_transfer(acc('transfer'), white_box, n=n, tolerance=tolerance, surrogate=surrogate,
+                                 reason='' if 'transfer' not in results or white_box is not None
+                                 else 'the transfer check compares with PGD: add pgd to --attacks'))
+    if 'noise' in results:
+        checks.append(check_noise(acc('noise'), white_box, n=n, tolerance=tolerance, attack=attack_label))
+    if 'naive' in results:
+        checks.append(check_naive(acc('naive'), white_box, n=n, tolerance=tolerance, mode=results['naive']['mode'],
+                                  reason='' if white_box is not None else 'compares with PGD: add pgd to --attacks'))
+    aa = results.get('autoattack')
+    checks.append(check_autoattack_log(aa['warnings'] if aa else None, ran=aa is not None))
+    return checks

@@ -120,7 +120,8 @@ def make_noise(*, threat_model: str, eps: float, draws: int, distribution: str, 
     if threat_model not in ('Linf', 'L2'):
         raise EvaluationError(f"the random-noise attack supports Linf and L2, not {threat_model}")
     if distribution not in NOISE_DISTRIBUTIONS:
-        raise EvaluationError(f"unknown --noise-dist {distribution!r}; choose one of {', '.join(NOISE_DISTRIBUTIONS)}")
+        raise EvaluationError(f"unknown noise distribution {distribution!r}; choose one of "
+                              f"{', '.join(NOISE_DISTRIBUTIONS)}")
     generator = torch.Generator().manual_seed(seed)
     return partial(random_noise_attack, eps=eps, norm=threat_model, draws=draws, distribution=distribution,
                    generator=generator)
@@ -268,7 +269,7 @@ def run_autoattack(
         raise EvaluationError(f"unknown AutoAttack version {version!r}; choose one of {AUTOATTACK_VERSIONS}")
     if version == 'custom':
         if not attacks:
-            raise EvaluationError("AutoAttack version 'custom' needs a list of attacks (--aa-attacks)")
+            raise EvaluationError("AutoAttack version 'custom' needs a list of attacks")
         unknown = [a for a in attacks if a not in AUTOATTACK_ATTACKS]
         if unknown:
             raise EvaluationError(f"unknown AutoAttack attacks {unknown}; choose from {AUTOATTACK_ATTACKS}")
