@@ -97,12 +97,31 @@ def test_config_defaults_recipe_and_overrides(tmp_path):
     ('time_budget_min: 0\n', 'time_budget_min must be > 0'),
     ('warmup_prefix: true\nwarmup_epochs: 5\nepochs: 5\n', 'warmup_epochs .5. must be fewer than epochs'),
     ('data_on_device: true\nimage_size: 32\n', 'data_on_device serves the stored images'),
+    ('warmup_epochs: 1\nwarmup_lr: 0.0\nsched_on_updates: false\n',
+     'trains the whole first epoch at learning rate 0.*sched_on_updates: true'),
+    ('warmup_epochs: 1\nwarmup_lr: 0\n', 'trains the whole first epoch at learning rate 0'),
 ])
 def test_config_errors_are_clear(tmp_path, text, message):
     recipe = tmp_path / 'bad.yaml'
     recipe.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(recipe)
+
+
+def test_fast_at_schedules_per_update_and_warms_up_from_zero_within_the_first_epoch(tmp_path):
+    """FGSM-RS defaults to a per-update schedule (other objectives to per-epoch), so a warm-up
+    from 0 leaves 0 after the first update; timm's own scheduler gives the reference values."""
+    from timm.scheduler import create_scheduler_v2
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('objective: fast\nwarmup_epochs: 1\nwarmup_lr: 0\nsched: cosine\nepochs: 2\n')
+    cfg = load_config(recipe)
+    assert cfg.sched_on_updates is True
+    assert load_config(recipe, ['--objective', 'pgd', '--warmup-lr', '1e-5']).sched_on_updates is False
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched, _ = create_scheduler_v2(opt, sched='cosine', num_epochs=2, warmup_epochs=1, warmup_lr=0.0,
+                                   step_on_epochs=False, updates_per_epoch=10)
+    sched.step_update(num_updates=5)  # halfway through the first epoch
+    assert 0 < opt.param_groups[0]['lr'] < cfg.lr
 
 
 def test_unknown_key_on_the_command_line_is_rejected(tmp_path, capsys):

@@ -86,7 +86,7 @@ class TrainConfig:
     opt_kwargs: Dict[str, Any] = field(default_factory=dict)
     clip_grad: Optional[float] = None
     sched: str = 'multistep'
-    sched_on_updates: bool = False
+    sched_on_updates: Optional[bool] = None   # None: per update for objective fast, per epoch otherwise
     decay_milestones: List[int] = field(default_factory=lambda: [100, 150])
     decay_epochs: Optional[float] = None
     decay_rate: float = 0.1
@@ -274,6 +274,12 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     for key in ('num_classes', 'in_chans'):
         if key in cfg.model_kwargs:
             raise ConfigError(f"model_kwargs.{key} is set from the dataset; remove it from model_kwargs")
+    if cfg.sched_on_updates is None:  # fast AT's few epochs need the rate to move within each epoch
+        cfg.sched_on_updates = cfg.objective == 'fast'
+    if cfg.warmup_epochs > 0 and cfg.warmup_lr == 0 and not cfg.sched_on_updates:
+        raise ConfigError(f"warmup_lr: 0 with a per-epoch schedule trains the whole first epoch at learning rate 0 "
+                          f"(warmup_epochs: {cfg.warmup_epochs}); set sched_on_updates: true (the rate then rises "
+                          f"every update) or a warmup_lr above 0")
     _validate_speed_keys(cfg)
     return cfg
 
