@@ -180,10 +180,30 @@ def time_interleaved(
     return out
 
 
+class _NoModuleTracking:
+    """Stands in for FlopCounterMode's ModuleTracker: every FLOP goes to 'Global' only."""
+    parents = frozenset({'Global'})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``fn`` as counted by FlopCounterMode (matmuls and convolutions
-    only, forward and backward, conv_transpose included; element-wise ops count 0)."""
+    only, forward and backward, conv_transpose included; element-wise ops count 0).
+
+    Without FlopCounterMode's per-module tracking: its ModuleTracker puts backward hooks on
+    every module input that requires grad, and ``torch.autograd.grad`` with respect to such a
+    leaf input (what every attack step does) then fails with "A leaf node was passed to
+    _will_engine_execute_node" (pytorch/pytorch#131753).  The counting itself is
+    FlopCounterMode's; :func:`flops_by_module` keeps the attribution for plain passes.
+    """
     counter = FlopCounterMode(display=False)
+    if hasattr(counter, 'mod_tracker'):
+        counter.mod_tracker = _NoModuleTracking()
     with counter:
         fn()
     return int(counter.get_total_flops())

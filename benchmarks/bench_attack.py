@@ -59,7 +59,6 @@ import _timing as T
 import timm
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 import timm_edl  # noqa: F401  (registers the edlnet models with timm)
 from timm_edl.attacks import pgd_attack
@@ -107,34 +106,6 @@ def parse_args(argv=None):
     if args.no_at and args.no_aa:
         raise SystemExit('--no-at and --no-aa leave nothing to run')
     return args
-
-
-class _NoModuleTracking:
-    """Stands in for FlopCounterMode's ModuleTracker: every FLOP goes to 'Global' only."""
-    parents = frozenset({'Global'})
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return None
-
-
-def count_flops(fn) -> int:
-    """``_timing.count_flops`` without the per-module tracking.
-
-    FlopCounterMode's ModuleTracker puts backward hooks on every module input that requires
-    grad, and ``torch.autograd.grad`` with respect to such a leaf input (what every attack
-    step does) then fails with "A leaf node was passed to _will_engine_execute_node"
-    (pytorch/pytorch#131753).  The counting itself (same FLOP formulas, same decompositions)
-    is FlopCounterMode's; only the attribution to modules is switched off.
-    """
-    counter = FlopCounterMode(display=False)
-    if hasattr(counter, 'mod_tracker'):
-        counter.mod_tracker = _NoModuleTracking()
-    with counter:
-        fn()
-    return int(counter.get_total_flops())
 
 
 def _eager(layers):
@@ -213,8 +184,8 @@ def apgd_flops(model, x, n_iter, device, dtype) -> int:
     projections) is element-wise and counts zero.  So the count is affine in n_iter:
     F(n) = F(1) + (n - 1) (F(2) - F(1)), exact, and costs 5 passes instead of n_iter + 2.
     """
-    f1 = count_flops(_apgd_fn(model, x, 1, device, dtype)[0])
-    f2 = count_flops(_apgd_fn(model, x, 2, device, dtype)[0])
+    f1 = T.count_flops(_apgd_fn(model, x, 1, device, dtype)[0])
+    f2 = T.count_flops(_apgd_fn(model, x, 2, device, dtype)[0])
     return f1 + (n_iter - 1) * (f2 - f1)
 
 
@@ -292,7 +263,7 @@ def run(args) -> dict:
             refresh_s = (probe.seconds - mark['seconds']) / args.repeats
             probe.count_iterations = True  # on the (untimed) FLOP-counting call
             with _eager(layers):
-                flops = {'twin': count_flops(twin_fn), 'edl': count_flops(edl_fn)}
+                flops = {'twin': T.count_flops(twin_fn), 'edl': T.count_flops(edl_fn)}
             probe.restore()
             if not torch.isfinite(edl_state['loss']):
                 print(f'warning: the EDL model\'s loss is not finite after the AT steps (K={K})')

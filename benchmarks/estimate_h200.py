@@ -53,7 +53,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import release_gpu as R
 import timm_edl  # noqa: F401  (registers the edlnet models with timm)
-from bench_attack import count_flops
 from timm_edl.attacks import frozen_parameters
 
 TRAIN_IMAGES, VAL_IMAGES, TEST_IMAGES, AA_POINTS, CHECK_POINTS = 49_000, 1_000, 10_000, 1_000, 100
@@ -136,7 +135,7 @@ def run(args):
     started = time.perf_counter()
     flops, timings = {}, {}
     for unit, fns in calls.items():
-        flops[unit] = {n: count_flops(fn) / B for n, fn in fns.items()}
+        flops[unit] = {n: T.count_flops(fn) / B for n, fn in fns.items()}
         timings[unit] = T.time_interleaved(fns, args.repeats, args.warmup, args.threads)
     host_reads = {}
     for name, fn in calls['step'].items():  # after earlier steps: the weights changed, L is refreshed

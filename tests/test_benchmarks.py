@@ -168,7 +168,7 @@ def test_bench_attack_apgd_flops_extrapolation_is_exact(monkeypatch):
         model = bench._make('cpu', torch.float32, **kwargs).eval()
         with torch.no_grad():
             model(x)  # L cached
-        direct = bench.count_flops(bench._apgd_fn(model, x, 4, 'cpu', torch.float32)[0])
+        direct = bench.T.count_flops(bench._apgd_fn(model, x, 4, 'cpu', torch.float32)[0])
         assert direct == bench.apgd_flops(model, x, 4, 'cpu', torch.float32) > 0
 
 
@@ -239,3 +239,18 @@ def test_bench_zoo_arch_quick(tmp_path):
     chosen = [r for r in rows if 'zoo' in r[1]]
     assert len(chosen) == 2 and all(r[-1] == '1.00' for r in chosen)
     assert {r[3] for r in rows} == {'19', '18', '6', '0'}  # EDL layers of each candidate
+
+
+def test_bench_resnet20_quick(tmp_path):
+    stdout, data = _run('bench_resnet20', tmp_path, '--parallel')
+    header, rows = _table(stdout, 'precision', 'memory format')
+    assert len(rows) == 12 and len(data['rows']) == 12  # 2 precisions x 2 memory formats x 3 objectives
+    assert {tuple(r[:3]) for r in rows} == {(p, m, o) for p in ('float32', 'bf16')
+                                            for m in ('contiguous', 'channels_last')
+                                            for o in ('FGSM-RS', 'PGD-2', 'PGD-3')}
+    for r in rows:
+        time_ratio, flop_ratio, relative = float(r[6]), float(r[7]), float(r[8])
+        assert flop_ratio > 1.0  # every EDL layer counts at least its convolution
+        assert math.isclose(relative, time_ratio / flop_ratio, abs_tol=0.02)
+    _, parallel = _table(stdout, 'network', '1 process x 2 threads img/s')
+    assert [r[0] for r in parallel] == ['edlnet_resnet20', 'edlnet_resnet20_conv']
