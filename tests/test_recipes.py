@@ -68,7 +68,8 @@ TIMM_TRAIN_PY_ARGS = frozenset({
 })
 
 # the zoo's recipes (make zoo) train on 2 CPU cores on Fashion-MNIST / CIFAR-10-JPEG by design
-ZOO_RECIPES = ('edlnet_resnet8_in_fashion_mnist_pgd', 'edlnet_resnet8_in_cifar10_jpeg_pgd')
+ZOO_RECIPES = ('edlnet_resnet8_in_fashion_mnist_pgd', 'edlnet_resnet8_in_cifar10_jpeg_pgd',
+               'edlnet_resnet20_cifar10_jpeg_fast')
 GPU_RECIPES = [p for p in RECIPES if not p.stem.startswith('cpu_') and p.stem not in ZOO_RECIPES]
 
 
