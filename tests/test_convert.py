@@ -205,13 +205,7 @@ def test_conversion_block_round_trip_with_mixed_layer_options():
 
 
 def test_converted_timm_model_export_and_load(tmp_path):
-    torch.manual_seed(0)
-    model = randomize_bn(timm.create_model('resnet18', num_classes=10))
-    convert_to_edl(model, 'stem', preserve_function=True)
-    convert_to_edl(model, 'blocks', num_steps=2, lam=0.05)
-    x = images(2, 3, 32, 32)
-    y = out(model, x)
-    folder = hub.export(model, tmp_path / 'out')
+    model, x, y, folder = _converted_export(tmp_path)
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == 'edl_converted' and config['model_args']['num_classes'] == 10
     assert config['model_args']['base_model'] == 'resnet18'
