@@ -18,15 +18,18 @@ one run: ``--compile`` times ``torch.compile(model)`` (inductor) against eager f
 FGSM-RS step, and ``--parallel`` the images per second of one process with ``2 x threads``
 threads against two processes with ``threads`` threads each, side by side.
 
-    python benchmarks/bench_resnet20.py --threads 1 [--batch 64] [--repeats 3] [--compile] [--parallel]
+    python benchmarks/bench_resnet20.py --threads 1 [--batch 64] [--repeats 3] [--compile] [--parallel] \
+        [--out docs/performance_resnet20.md]
     python benchmarks/bench_resnet20.py --quick      # smoke test: batch 2, one repeat, no warm-up
 """
 import argparse
 import contextlib
+import io
 import itertools
 import multiprocessing as mp
 import sys
 import time
+from pathlib import Path
 
 import _timing as T
 import timm
@@ -49,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument('--parallel', action='store_true',
                    help='also one process with 2 x threads vs two processes with threads each')
     p.add_argument('--quick', action='store_true', help='batch 2, one repeat, no warm-up (smoke test)')
+    p.add_argument('--out', default=None, help='also write the tables, with this command, as a Markdown section here')
     T.add_common_args(p, repeats=3)
     args = p.parse_args(argv)
     if args.quick:
@@ -155,7 +159,39 @@ def parallel_table(args):
     return rows
 
 
+TITLE = 'edlnet_resnet20 vs its conv twin: one adversarial-training step under each speed option'
+
+
+def markdown_section(command: str, printed: str) -> str:
+    """The section ``--out`` writes: the command, then what it printed (rows printed while
+    measuring, which the tables repeat, left out)."""
+    keep = [line for line in printed.splitlines() if not line.startswith(('float32 | ', 'bf16 | '))]
+    return f"## {TITLE}\n\n```\n{command}\n```\n\n" + '\n'.join(keep).strip() + '\n'
+
+
 def run(args):
+    if args.out:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(_Tee(sys.stdout, printed)):
+            payload = _run(args)
+        shown = [a for i, a in enumerate(sys.argv[1:]) if a != '--out' and (i == 0 or sys.argv[i] != '--out')]
+        command = ' '.join(['python benchmarks/bench_resnet20.py'] + shown)
+        Path(args.out).write_text(markdown_section(command, printed.getvalue()))
+        return payload
+    return _run(args)
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+        return len(text)
+
+
+def _run(args):
     info = T.machine_info(args.threads, args.device, args.note)
     print(T.header_line(info))
     started = time.time()

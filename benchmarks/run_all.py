@@ -24,6 +24,9 @@ ROOT = HERE.parent
 INCLUDES = (
     (ROOT / 'docs' / 'performance_h200.md',
      'python benchmarks/estimate_h200.py --threads 1 --out docs/performance_h200.md'),
+    (ROOT / 'docs' / 'performance_resnet20.md',
+     'python benchmarks/bench_resnet20.py --threads 1 --batch 64 --repeats 3 --warmup 1 --compile --parallel '
+     '--out docs/performance_resnet20.md'),
 )
 _INCLUDE_MARK = '<!-- appended by benchmarks/run_all.py from '
 

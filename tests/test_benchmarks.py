@@ -242,7 +242,12 @@ def test_bench_zoo_arch_quick(tmp_path):
 
 
 def test_bench_resnet20_quick(tmp_path):
-    stdout, data = _run('bench_resnet20', tmp_path, '--parallel')
+    section = tmp_path / 'section.md'
+    stdout, data = _run('bench_resnet20', tmp_path, '--parallel', '--out', str(section))
+    text = section.read_text()
+    assert text.startswith('## edlnet_resnet20 vs its conv twin')
+    assert '--quick --threads 1' in text and '--out' not in text  # the command that printed the tables
+    assert _table(text, 'precision', 'memory format')[1] == _table(stdout, 'precision', 'memory format')[1]
     header, rows = _table(stdout, 'precision', 'memory format')
     assert len(rows) == 12 and len(data['rows']) == 12  # 2 precisions x 2 memory formats x 3 objectives
     assert {tuple(r[:3]) for r in rows} == {(p, m, o) for p in ('float32', 'bf16')
