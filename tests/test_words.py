@@ -2,11 +2,12 @@
 (names of build-environment tools, sessions, borrowed GPUs, issue numbers given as reasons).
 
 :func:`scan_text` is the scanner; the last test runs it over every file git knows of (tracked,
-and untracked but not ignored) and names each hit as ``file:line``. This file holds the patterns
-and their planted examples, so it is the one file not scanned.
+and untracked but not ignored) and names each hit as ``file:line``. The patterns and their
+planted examples are in ``tests/data/words.json``, the one file not scanned besides this one.
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -16,19 +17,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SELF = Path(__file__).resolve().relative_to(REPO).as_posix()
 
-# (what it is, pattern); matched case-insensitively, line by line
-PATTERNS = [
-    ('a build-environment tool', r'\bfarm-[a-z]+'),
-    ('a build-environment tool', r'`duplicates`|\bduplicates(:| tool\b| report\b)'),
-    ('a build-environment tool', r'\bdevice (tool|machine)\b|\btool library\b|\bKINDS\.md\b'),
-    ("a build-environment tool's arguments", r'\bcarry \[|\btimeout_s \d'),
-    ('the build environment', r'\bworkplace\b'),
-    ('a work session', r'\bsessions?\b'),
-    ('a borrowed machine', r'\bloan(s|ed)?\b|\bborrow(s|ed|ing)?\b|\blent to\b'),
-    ('an issue number given as a reason', r'\bissues? ?#?\d+'),
-    ('an issue as the reason', r"\b(the|this|that) issue's\b|\bdone-line\b|\bperformance issue\b"),
-    ('the next worker resuming', r'\bnext one (resumes|picks up|continues)\b'),
-]
+# (what it is, pattern) and example lines, in a data file: matched case-insensitively, line by line
+WORDS = json.loads((REPO / 'tests' / 'data' / 'words.json').read_text())
+PATTERNS = [tuple(p) for p in WORDS['patterns']]
 _COMPILED = [(what, re.compile(pattern, re.IGNORECASE)) for what, pattern in PATTERNS]
 
 
@@ -65,36 +56,8 @@ def read_text(path: Path) -> str | None:
 
 # ----------------------------------------------------------------------------- the scanner
 
-PLANTED = [
-    'Run `farm-studio look timm_edl` to draw it.',
-    'copies the weights (duplicates: no new pair)',
-    'the device tool returns at most 8 files',
-    'on the device machine: install, then run',
-    'measured on this machine, tool library KINDS.md',
-    'run with carry [".whl", ".data"] and timeout_s 600',
-    "measured on this workplace's H200",
-    'committed: a later session resumes from it',
-    'What a GPU loan buys',
-    'no GPU was lent to this project so far',
-    'on a borrowed GPU',
-    'The elastic-regime decision (issue 11; about 4 hours)',
-    'made for Issue #14',
-    "every 3x3 conv an EDL layer (the issue's candidate)",
-    'What the done-line runs',
-    'at commit 93845e8 and the next one resumes from there',
-]
-
-FINE = [
-    'sorted by radius, duplicates removed',
-    'the two-stage schedule releases beta at exactly 1',
-    'release.json records which ran',
-    'the first GPU run measures what is real',
-    'any later run resumes from the committed cache',
-    'splits results into parts of at most 15 MiB (`--pack DIR`)',
-    "an H200's measured bf16 matmul rate",
-    'the next epoch starts from the best checkpoint',
-    'tissue 12 samples',
-]
+PLANTED = WORDS['planted']  # each must be flagged
+FINE = WORDS['fine']  # lines about the software: none may be
 
 
 @pytest.mark.parametrize('line', PLANTED)
@@ -111,10 +74,10 @@ def test_the_scanner_leaves_lines_about_the_software_alone(line):
 
 def test_a_planted_file_is_named_with_its_line(tmp_path):
     planted = tmp_path / 'notes.md'
-    planted.write_text('# notes\n\nFine.\nThe next one resumes here (issue 3).\n')
+    planted.write_text('# notes\n\nFine.\n' + PLANTED[0] + '\n')
     hits = [f'{planted.name}:{number}' for number, _, _ in scan_text(read_text(planted))]
     assert hits == ['notes.md:4']
-    (tmp_path / 'blob.bin').write_bytes(b'\0issue 3')
+    (tmp_path / 'blob.bin').write_bytes(b'\0' + PLANTED[0].encode())
     assert read_text(tmp_path / 'blob.bin') is None
 
 
@@ -125,7 +88,7 @@ def test_no_file_speaks_of_how_the_project_is_built():
     assert 'README.md' in files and SELF in files
     hits = []
     for name in files:
-        if name == SELF:
+        if name in (SELF, 'tests/data/words.json'):
             continue
         text = read_text(REPO / name)
         if text is not None:
