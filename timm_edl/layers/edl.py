@@ -432,9 +432,10 @@ class EDLConv2d(nn.Module):
             L = self._lipschitz(weight, in_size)
             reference = True
         else:
-            L = self._lipschitz_eager(weight, in_size)
-            # compiled: the reference solver, whose elementwise work the compiler fuses itself
+            # compiled: the step-size cache outside the graph, and the reference solver, whose
+            # elementwise work the compiler fuses itself
             reference = torch.compiler.is_compiling()
+            L = self._lipschitz_eager(weight, in_size) if reference else self._lipschitz(weight, in_size)
         beta = self.beta_value()
         lam = self.lam_value()
         if reference:
