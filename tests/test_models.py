@@ -40,12 +40,13 @@ from timm_edl.models.edlnet import PretrainedWeightsUnavailable, tags_with_weigh
 # (2,384) + layer1 (4,672) + layer2 with its 1x1 shortcut (14,528) + layer3 (57,728) + fc (650).
 # edlnet_resnet20 (He et al.'s CIFAR ResNet-20, EDL layers in the blocks): 272,474 = stem 3x3x3x16 + BN
 # (464) + layer1 (3 x 4,672) + layer2 (14,528 + 2 x 18,560) + layer3 (57,728 + 2 x 73,984) + fc (650);
-# edlnet_resnet20_conv is its conv twin, with no EDL layer.
+# edlnet_resnet20_conv and edlnet_resnet8_in_conv are conv twins, with no EDL layer.
 ARCHS = {
     'edlnet_resnet20': (('cifar10', 'cifar100'), 272_474, 18, 64, (16, 16, 32, 64), (1, 1, 2, 4)),
     'edlnet_resnet20_conv': (('cifar10', 'cifar100'), 272_474, 0, 64, (16, 16, 32, 64), (1, 1, 2, 4)),
     'edlnet_resnet8_in': (('cifar10_jpeg_pgd_linf', 'fashion_mnist_pgd_linf'), 79_962, 6, 64,
                           (16, 16, 32, 64), (2, 4, 8, 16)),
+    'edlnet_resnet8_in_conv': (('cifar10', 'cifar100'), 79_962, 0, 64, (16, 16, 32, 64), (2, 4, 8, 16)),
     'edlnet_resnet18': (('cifar10', 'cifar100'), 11_173_962, 17, 512,
                         (64, 64, 128, 256, 512), (1, 1, 2, 4, 8)),
     'edlnet_resnet34': (('cifar10', 'cifar100'), 21_282_122, 33, 512,

@@ -534,6 +534,11 @@ def edlnet_resnet18_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     return _create_edlnet('edlnet_resnet18_in', pretrained, **dict(args, **kwargs))
 
 
+def _resnet8_in(**kwargs) -> Dict[str, Any]:
+    """ResNet-8 (6n + 2, n = 1) with the ImageNet stem: 3 stages x 1 basic block, 16/32/64."""
+    return dict(block='basic', layers=(1, 1, 1), channels=(16, 32, 64), stem_width=16, stem_type='imagenet', **kwargs)
+
+
 @register_model
 def edlnet_resnet8_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     """EDL ResNet-8 (He et al.'s 6n + 2 with n = 1: 3 stages x 1 basic block, 16/32/64 channels)
@@ -544,9 +549,14 @@ def edlnet_resnet8_in(pretrained: bool = False, **kwargs) -> EDLResNet:
     ResNet-20 EDLNet's: benchmarks/bench_zoo_arch.py), and a plain stem conv avoids an EDL
     layer on raw pixels (see docs/zoo.md).
     """
-    args = dict(block='basic', layers=(1, 1, 1), channels=(16, 32, 64), stem_width=16, stem_type='imagenet',
-                edl_layers='blocks')
-    return _create_edlnet('edlnet_resnet8_in', pretrained, **dict(args, **kwargs))
+    return _create_edlnet('edlnet_resnet8_in', pretrained, **dict(_resnet8_in(edl_layers='blocks'), **kwargs))
+
+
+@register_model
+def edlnet_resnet8_in_conv(pretrained: bool = False, **kwargs) -> EDLResNet:
+    """The conv twin of :func:`edlnet_resnet8_in` (``edl_layers='none'``): the zoo's baseline,
+    trained with the same recipe and seed as the EDLNet it is compared with."""
+    return _create_edlnet('edlnet_resnet8_in_conv', pretrained, **dict(_resnet8_in(edl_layers='none'), **kwargs))
 
 
 @register_model

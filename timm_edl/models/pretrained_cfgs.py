@@ -74,6 +74,7 @@ def _zoo_cfgs(arch: str) -> Dict[str, Dict[str, Any]]:
 
 default_cfgs = generate_default_cfgs({
     **_zoo_cfgs('edlnet_resnet8_in'),
+    **_cifar_cfgs('edlnet_resnet8_in_conv', pool_size=(2, 2)),
     **_cifar_cfgs('edlnet_resnet18'),
     **_cifar_cfgs('edlnet_resnet20', pool_size=(8, 8)),
     **_cifar_cfgs('edlnet_resnet20_conv', pool_size=(8, 8)),
