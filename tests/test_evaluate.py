@@ -443,6 +443,31 @@ def test_interrupted_autoattack_resumes_to_the_same_result(honest_model, test_po
         run_autoattack(honest_model, x[:8], y[:8], state_path=state, **kwargs)
 
 
+_AA_CE = dict(threat_model='Linf', eps=EPS, version='custom', attacks=['apgd-ce'], seed=0, progress=False)
+
+
+@pytest.fixture(scope='module')
+def chunked_aa(honest_model, test_points):
+    """AutoAttack (APGD-CE) on 16 points in two chunks of 8."""
+    return run_autoattack(honest_model, test_points[0][:16], test_points[1][:16], batch_size=8, **_AA_CE)
+
+
+def test_an_autoattack_chunk_rerun_alone_reproduces_its_points_exactly(honest_model, test_points, chunked_aa):
+    """Each chunk is attacked with the same seed, so a chunk's result depends on its points only:
+    the second chunk, run by itself, gives exactly its points' flags in the 16-point run."""
+    second = run_autoattack(honest_model, test_points[0][8:16], test_points[1][8:16], batch_size=8, **_AA_CE)
+    assert torch.equal(second['correct'], chunked_aa['correct'][8:])
+
+
+def test_chunked_autoattack_agrees_with_unchunked_up_to_random_starts(honest_model, test_points, chunked_aa):
+    """Chunks of 8 vs one chunk of 16: the same attack on the same points; only the random
+    starts differ (drawn per chunk), so at most a point or two may come out differently."""
+    whole = run_autoattack(honest_model, test_points[0][:16], test_points[1][:16], batch_size=16, **_AA_CE)
+    assert whole['clean_accuracy'] == chunked_aa['clean_accuracy']
+    assert 0 < whole['accuracy'] < whole['clean_accuracy']  # the attack breaks some points, not all
+    assert int((chunked_aa['correct'] != whole['correct']).sum()) <= 2
+
+
 # ----------------------------------------------------------------------------- command line and files
 
 @pytest.fixture(scope='module')

@@ -1,0 +1,235 @@
+"""Shipping the zoo's model pairs (``experiments/zoo_pairs.py``): export, package, compare.
+
+From the pair's committed folder only: for each arm, ``timm-edl export`` of ``best/`` with the
+arm's evaluation JSONs and its twin's on the same points (card in ``hub_cards/``), the weights
+copied into ``timm_edl/_zoo/`` and recorded in its manifest; then the paired comparison
+(exact McNemar tests on the per-point results of both models) in ``docs/zoo.md``,
+``docs/results.md`` and the README's zoo table.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from _jobs import git_commit, machine_info
+from _sections import write_section
+from zoo import drop_cached_weights, final_folder
+from zoo_pairs import ARMS, PAIRS, Pair, build_parser, eval_dir, status, step_json, train_dir
+
+SECTION = 'zoo-pairs'
+OTHER = {'edl': 'conv', 'conv': 'edl'}
+
+
+def _label(pair: Pair, arm: str) -> str:
+    kind = 'EDLNet' if arm == 'edl' else 'conv twin'
+    return f"{kind} ({pair.archs[arm]}, same recipe and seed)"
+
+
+def reports(pair: Pair, arm: str, root: Path | None) -> dict[str, tuple[Path, dict[str, Any]]]:
+    """step name -> (JSON path, report) of the arm's finished evaluations."""
+    out = {}
+    for step in pair.steps:
+        path = step_json(eval_dir(pair, arm, step, root))
+        if path is not None:
+            out[step.name] = (path, json.loads(path.read_text()))
+    return out
+
+
+def training_summary(folder: Path) -> dict[str, Any]:
+    """Epochs, best epoch and the summed epoch times of a run folder (``summary.csv``)."""
+    with open(folder / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    best = json.loads((folder / 'best' / 'config.json').read_text())['timm_edl'].get('evaluation') or [{}]
+    return {'epochs': len(rows), 'train_seconds': sum(float(r['train_epoch_time']) for r in rows),
+            'rows': rows, 'best': best[0]}
+
+
+# ----------------------------------------------------------------------------- paired statistics
+
+def _bits(report: dict[str, Any], key: str) -> list[bool] | None:
+    from timm_edl.evaluation.core import unpack_correct
+    packed = (report.get('per_point') or {}).get(key)
+    return None if packed is None else unpack_correct(packed, report['n_ex'])
+
+
+def paired_row(name: str, a: list[bool] | None, b: list[bool] | None) -> dict[str, Any] | None:
+    """Accuracies of a and b on the same points and the exact McNemar p-value."""
+    from timm_edl.stats import mcnemar_exact
+    if a is None or b is None:
+        return None
+    if len(a) != len(b):
+        raise ValueError(f"{name}: the two models were evaluated on different points ({len(a)} vs {len(b)})")
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    return {'metric': name, 'n': len(a), 'a': 100 * sum(a) / len(a), 'b': 100 * sum(b) / len(b),
+            'only_a': only_a, 'only_b': only_b, 'p': mcnemar_exact(only_a, only_b)}
+
+
+def paired_rows(edl: dict[str, tuple[Path, dict]], conv: dict[str, tuple[Path, dict]]) -> list[dict[str, Any]]:
+    """EDLNet (a) vs twin (b) on every metric both have per-point results for."""
+    rows = []
+    for step, keys in (('full', (('clean', 'Clean'), ('pgd', 'PGD-20'))),
+                       ('aa', (('autoattack', 'AutoAttack'),))):
+        if step in edl and step in conv:
+            for key, label in keys:
+                n = edl[step][1]['n_ex']
+                rows.append(paired_row(f"{label} ({n:,} points)", _bits(edl[step][1], key), _bits(conv[step][1], key)))
+    if 'corruptions' in edl and 'corruptions' in conv:
+        rows.append(corruption_row(edl['corruptions'][1], conv['corruptions'][1]))
+    if 'certify' in edl and 'certify' in conv:
+        rows += certify_rows(edl['certify'][1], conv['certify'][1])
+    return [r for r in rows if r is not None]
+
+
+def corruption_row(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
+    """All (image, corruption, severity) results pooled: 75 x n paired outcomes (not independent:
+    the same image under 75 corruptions; read the p-value as a screen, the per-severity means as the result)."""
+    bits_a, bits_b = [], []
+    for key in sorted(a.get('per_point') or {}):
+        if key in (b.get('per_point') or {}) and key != 'clean':
+            bits_a += _bits(a, key)
+            bits_b += _bits(b, key)
+    return paired_row(f"Corruptions, pooled ({len(bits_a):,} image-corruption pairs)", bits_a or None, bits_b or None)
+
+
+def certify_rows(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for r in (0.0, 0.25, 0.5, 0.75, 1.0):
+        ca = [p['correct'] and p['radius'] is not None and p['radius'] >= r for p in a['points']]
+        cb = [p['correct'] and p['radius'] is not None and p['radius'] >= r for p in b['points']]
+        rows.append(paired_row(f"Certified, L2 radius {r:g} ({len(ca)} points)", ca, cb))
+    return rows
+
+
+def paired_table(rows: list[dict[str, Any]]) -> str:
+    lines = ['| Metric | EDLNet | Conv twin | EDL only right | Twin only right | McNemar p |', '|---|---|---|---|---|---|']
+    for r in rows:
+        lines.append(f"| {r['metric']} | {r['a']:.2f} | {r['b']:.2f} | {r['only_a']} | {r['only_b']} | {r['p']:.3g} |")
+    return '\n'.join(lines)
+
+
+def verdict(row: dict[str, Any], level: float = 0.05) -> str:
+    if row['p'] >= level:
+        return 'tie'
+    return 'EDL helps' if row['a'] > row['b'] else 'EDL hurts'
+
+
+# ----------------------------------------------------------------------------- export and ship
+
+def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tuple[Path, dict]]) -> str:
+    best = train['best']
+    lines = ["## How it was trained", '',
+             f"- Command: `timm-edl train --config {pair.recipe}"
+             + (f" --model {pair.archs[arm]}`" if arm != 'edl' else '`')
+             + f" ({pair.about}); run by `make zoo` (`experiments/zoo_pairs.py`), resumed across several runs.",
+             f"- {train['epochs']} epochs, {train['train_seconds'] / 3600:.1f} h of training steps (sum of the epoch "
+             f"times) on {machine_info().get('cpu', 'a CPU')}, one thread, no GPU.",
+             f"- The weights are the epoch with the best hold-out accuracy (1,000 training images never trained on): "
+             f"clean {100 * best.get('clean_acc', float('nan')):.1f} %"
+             + (f", PGD-{best['pgd_steps']} {100 * best['pgd_acc']:.1f} %" if best.get('pgd_acc') is not None else '')
+             + ". The test set selected nothing.", '']
+    if 'aa' in evals:
+        report = evals['aa'][1]
+        clean, pgd = _bits(report, 'clean')[:1000], _bits(report, 'pgd')[:200]
+        lines += ['## Check it yourself', '',
+                  f"- Clean accuracy on the first 1,000 test points: {100 * sum(clean) / len(clean):.2f} %",
+                  f"- PGD-20 accuracy on the first 200 test points: {100 * sum(pgd) / len(pgd):.2f} %", '',
+                  f"(`tests/test_zoo.py` reproduces both: the clean accuracy exactly, PGD-20 within 1 point.)", '']
+    lines += ['## What it is not', '',
+              f"- {pair.label}, not CIFAR-10: every CIFAR-10 image re-encoded as JPEG (lossy); its numbers are not "
+              "comparable with CIFAR-10 leaderboards.",
+              "- A small model trained on two CPU cores, not a paper-scale EDLNet."]
+    return '\n'.join(lines)
+
+
+def ship_arm(pair: Pair, arm: str, args, log) -> dict[str, Any]:
+    from timm_edl.cli.export import main as export_main
+    from timm_edl.weights import file_sha256
+    root, name = args.cache_root, pair.name(arm)
+    work = args.run_dir / pair.key / arm
+    target = args.zoo_dir / f'{name}.safetensors'
+    best = train_dir(pair, arm, root) / 'best'
+    source = final_folder(best, target, work / 'model')
+    evals, others = reports(pair, arm, root), reports(pair, OTHER[arm], root)
+    train = training_summary(train_dir(pair, arm, root))
+    notes = work / 'card_notes.md'
+    notes.write_text(card_notes(pair, arm, train, evals))
+    argv = ['--model', f'local-dir:{source}', '--eval-results', *[str(p) for p, _ in evals.values()],
+            '--compare-results', *[f"{_label(pair, OTHER[arm])}={p}" for p, _ in others.values()],
+            '--card-notes', str(notes), '--model-name', name, '--out', str(work / 'export'), '--overwrite',
+            '--card-dir', str(args.card_dir)]
+    if export_main(argv) != 0:
+        raise RuntimeError(f"timm-edl export {' '.join(argv)} failed")
+    args.zoo_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(work / 'export' / 'model.safetensors', target)
+    entry = {'file': target.name, 'sha256': file_sha256(target), 'bytes': target.stat().st_size,
+             'recipe': pair.recipe, 'train_command': f"timm-edl train --config {pair.recipe}"
+             + (f" --model {pair.archs[arm]}" if arm != 'edl' else ''),
+             'commit': git_commit().split()[0][:12], 'machine': machine_info(),
+             'train_wall_seconds': round(train['train_seconds']), 'card': f'hub_cards/{name}.md'}
+    manifest = args.zoo_dir / 'manifest.json'
+    entries = json.loads(manifest.read_text()) if manifest.exists() else {}
+    entries[name] = entry
+    tmp = manifest.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + '\n')
+    tmp.replace(manifest)
+    drop_cached_weights(best, target, log)
+    log(f"{pair.key}: shipped {name} ({entry['bytes']:,} bytes)")
+    return {'name': name, 'evals': evals, 'train': train, 'entry': entry}
+
+
+def pair_markdown(pair: Pair, shipped: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    lines = [f"### {pair.label}: `{pair.archs['edl']}` vs `{pair.archs['conv']}` ({pair.about})", '',
+             paired_table(rows), '',
+             'Paired on the same test points (exact McNemar test on the points where exactly one model is right): '
+             + '; '.join(f"{r['metric'].split(' (')[0]}: {verdict(r)}" for r in rows) + '.', '']
+    for arm in ARMS:
+        s = shipped[arm]
+        lines.append(f"- `{s['name']}`: {s['train']['epochs']} epochs, {s['train']['train_seconds'] / 3600:.1f} h "
+                     f"of training steps; `{s['entry']['train_command']}`; evaluations: "
+                     + '; '.join(f"`{r['command']}`" for _, r in s['evals'].values()))
+    return '\n'.join(lines)
+
+
+def ship_pairs(pairs: list[Pair], args, log) -> list[str]:
+    names, sections = [], []
+    for pair in pairs:
+        state = status(pair, args.cache_root)
+        if not all(all(v for v in state[arm].values()) for arm in ARMS):
+            log(f"{pair.key}: not shipped yet, steps left: "
+                + ', '.join(f"{arm}/{k}" for arm in ARMS for k, v in state[arm].items() if not v))
+            continue
+        failed = [f"{arm}/{k}" for arm in ARMS for k, (_, r) in reports(pair, arm, args.cache_root).items()
+                  if r.get('failed_checks')]
+        if failed:
+            log(f"{pair.key}: NOT SHIPPED, checks failed in {failed}")
+            continue
+        shipped = {arm: ship_arm(pair, arm, args, log) for arm in ARMS}
+        rows = paired_rows(shipped['edl']['evals'], shipped['conv']['evals'])
+        sections.append(pair_markdown(pair, shipped, rows))
+        names += [shipped[arm]['name'] for arm in ARMS]
+    if sections:
+        body = '## Model pairs (`experiments/zoo_pairs.py`)\n\n' + '\n\n'.join(sections)
+        for path in (args.out_md, args.out_md.parent / 'results.md'):
+            write_section(path, SECTION, body)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def log(msg: str) -> None:
+        print(f"[zoo ship {dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+    shipped = ship_pairs([PAIRS[k] for k in (args.pair or sorted(PAIRS))], args, log)
+    log(f"shipped: {', '.join(shipped) or 'none'}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
