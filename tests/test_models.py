@@ -42,11 +42,11 @@ from timm_edl.models.edlnet import PretrainedWeightsUnavailable, tags_with_weigh
 # (464) + layer1 (3 x 4,672) + layer2 (14,528 + 2 x 18,560) + layer3 (57,728 + 2 x 73,984) + fc (650);
 # edlnet_resnet20_conv and edlnet_resnet8_in_conv are conv twins, with no EDL layer.
 ARCHS = {
-    'edlnet_resnet20': (('cifar10', 'cifar100'), 272_474, 18, 64, (16, 16, 32, 64), (1, 1, 2, 4)),
-    'edlnet_resnet20_conv': (('cifar10', 'cifar100'), 272_474, 0, 64, (16, 16, 32, 64), (1, 1, 2, 4)),
-    'edlnet_resnet8_in': (('cifar10_jpeg_pgd_linf', 'fashion_mnist_pgd_linf'), 79_962, 6, 64,
+    'edlnet_resnet20': (('cifar10_jpeg_fast_linf', 'cifar10', 'cifar100'), 272_474, 18, 64, (16, 16, 32, 64), (1, 1, 2, 4)),
+    'edlnet_resnet20_conv': (('cifar10_jpeg_fast_linf', 'cifar10', 'cifar100'), 272_474, 0, 64, (16, 16, 32, 64), (1, 1, 2, 4)),
+    'edlnet_resnet8_in': (('cifar10_jpeg_pgd_linf', 'fashion_mnist_pgd_linf', 'cifar10_jpeg_smooth_sigma25'), 79_962, 6, 64,
                           (16, 16, 32, 64), (2, 4, 8, 16)),
-    'edlnet_resnet8_in_conv': (('cifar10', 'cifar100'), 79_962, 0, 64, (16, 16, 32, 64), (2, 4, 8, 16)),
+    'edlnet_resnet8_in_conv': (('cifar10_jpeg_smooth_sigma25', 'cifar10', 'cifar100'), 79_962, 0, 64, (16, 16, 32, 64), (2, 4, 8, 16)),
     'edlnet_resnet18': (('cifar10', 'cifar100'), 11_173_962, 17, 512,
                         (64, 64, 128, 256, 512), (1, 1, 2, 4, 8)),
     'edlnet_resnet34': (('cifar10', 'cifar100'), 21_282_122, 33, 512,
@@ -138,7 +138,8 @@ def test_default_cfg_fields(name):
     c, h, w = cfg.input_size
     assert c == (1 if tag.startswith('fashion_mnist') else 3) and h == w > 0
     assert cfg.num_classes == {'cifar10': 10, 'cifar100': 100, 'tiny_imagenet': 200, 'in1k': 1000,
-                               'cifar10_jpeg_pgd_linf': 10, 'fashion_mnist_pgd_linf': 10}[tag]
+                               'cifar10_jpeg_pgd_linf': 10, 'fashion_mnist_pgd_linf': 10, 'cifar10_jpeg_fast_linf': 10,
+                               'cifar10_jpeg_smooth_sigma25': 10}[tag]
     assert tuple(cfg.mean) == (0.0,) * c and tuple(cfg.std) == (1.0,) * c
     assert cfg.license and cfg.paper_ids
     assert cfg.first_conv == 'conv1' and cfg.classifier == 'fc'

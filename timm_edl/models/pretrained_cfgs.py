@@ -72,11 +72,28 @@ def _zoo_cfgs(arch: str) -> Dict[str, Dict[str, Any]]:
     }
 
 
+def _pair_cfgs(arch: str, tag: str, pool_size, description: str) -> Dict[str, Dict[str, Any]]:
+    """A tag of the zoo's model pairs (``experiments/zoo_pairs.py``): an EDLNet and its conv twin on
+    CIFAR-10-JPEG, both shipped; listed first, so that it is the default tag of ``arch``."""
+    name = f'{arch}.{tag}'
+    return {name: _zoo_cfg(name, num_classes=10, input_size=(3, 32, 32), pool_size=pool_size,
+                           label_names=CIFAR10_CLASSES, description=description)}
+
+
+_FAST_LINF = ('CIFAR-10-JPEG (a lossy JPEG copy of CIFAR-10, not CIFAR-10), fast adversarial training '
+              '(FGSM-RS), Linf eps 8/255')
+_SMOOTH = ('CIFAR-10-JPEG (a lossy JPEG copy of CIFAR-10, not CIFAR-10), Gaussian-noise training at sigma 0.25 '
+           'for randomized smoothing (timm-edl certify --sigma 0.25)')
+
 default_cfgs = generate_default_cfgs({
     **_zoo_cfgs('edlnet_resnet8_in'),
+    **_pair_cfgs('edlnet_resnet8_in', 'cifar10_jpeg_smooth_sigma25', (2, 2), _SMOOTH),
+    **_pair_cfgs('edlnet_resnet8_in_conv', 'cifar10_jpeg_smooth_sigma25', (2, 2), _SMOOTH),
     **_cifar_cfgs('edlnet_resnet8_in_conv', pool_size=(2, 2)),
     **_cifar_cfgs('edlnet_resnet18'),
+    **_pair_cfgs('edlnet_resnet20', 'cifar10_jpeg_fast_linf', (8, 8), _FAST_LINF),
     **_cifar_cfgs('edlnet_resnet20', pool_size=(8, 8)),
+    **_pair_cfgs('edlnet_resnet20_conv', 'cifar10_jpeg_fast_linf', (8, 8), _FAST_LINF),
     **_cifar_cfgs('edlnet_resnet20_conv', pool_size=(8, 8)),
     **_cifar_cfgs('edlnet_resnet34'),
     **_cifar_cfgs('edlnet_resnet50'),
