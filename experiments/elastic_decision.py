@@ -36,13 +36,11 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
-import math
 import os
 import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -261,21 +259,8 @@ def run_jobs(jobs, n_workers: int, log, worker=None) -> int:
 
 # ----------------------------------------------------------------------------- statistics
 
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (binomial, p = 1/2).
-
-    >>> mcnemar_exact(0, 0), mcnemar_exact(0, 5), round(mcnemar_exact(2, 8), 4)
-    (1.0, 0.0625, 0.1094)
-    """
-    n, k = b + c, min(b, c)
-    if n == 0:
-        return 1.0
-    tail = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)
-    return float(min(Fraction(1), 2 * tail))
-
-
 def _correct(result: dict[str, Any], which: str, attack: str) -> list[bool]:
-    from timm_edl.evaluation.core import unpack_correct
+    from timm_edl.stats import unpack_correct
     report = result['evals'][which]['report']
     return unpack_correct(report['per_point'][attack], report['n_ex'])
 
@@ -283,16 +268,17 @@ def _correct(result: dict[str, Any], which: str, attack: str) -> list[bool]:
 def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], which: str, attack: str) -> dict[str, Any] | None:
     """a vs b on the same points, seed s of a against seed s of b; pooled over the seed pairs.
 
-    b_count: points a gets right and b wrong; c_count: the reverse; diff in points (%)."""
+    b_count: points a gets right and b wrong; c_count: the reverse; diff in points (%); p: McNemar's
+    exact test (timm_edl.stats)."""
+    from timm_edl.stats import mcnemar_exact, paired_counts
     pairs = [(x, y) for x, y in zip(a, b)]
     if not pairs:
         return None
     bs = cs = n = 0
     for x, y in pairs:
-        ca, cb = _correct(x, which, attack), _correct(y, which, attack)
-        bs += sum(1 for u, v in zip(ca, cb) if u and not v)
-        cs += sum(1 for u, v in zip(ca, cb) if v and not u)
-        n += len(ca)
+        ca = _correct(x, which, attack)
+        b_count, c_count = paired_counts(ca, _correct(y, which, attack))
+        bs, cs, n = bs + b_count, cs + c_count, n + len(ca)
     return {'b': bs, 'c': cs, 'n': n, 'pairs': len(pairs), 'diff': 100.0 * (bs - cs) / n, 'p': mcnemar_exact(bs, cs)}
 
 

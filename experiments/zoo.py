@@ -198,7 +198,7 @@ CHECK_CLEAN_N, CHECK_PGD_N = 1000, 200  # what tests/test_zoo.py reproduces
 def check_numbers(edl: dict[str, Any]) -> tuple[float, float]:
     """Clean accuracy (%) on the first CHECK_CLEAN_N test points and PGD-20 accuracy (%) on the
     first CHECK_PGD_N, from the per-point record of the AutoAttack evaluation."""
-    from timm_edl.evaluation.core import unpack_correct
+    from timm_edl.stats import unpack_correct
     report = edl['evals']['aa']['report']
     clean = unpack_correct(report['per_point']['clean'], report['n_ex'])[:CHECK_CLEAN_N]
     pgd = unpack_correct(report['per_point']['pgd'], report['n_ex'])[:CHECK_PGD_N]

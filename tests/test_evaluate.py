@@ -276,8 +276,8 @@ def test_report_rows_and_checks_match_direct_runs(honest_model, test_points):
     (noise, PGD, AutoAttack, naive, transfer, sweep, checks) equals what the attacks give when
     run directly with the same seeds, in the documented order and layout."""
     from timm_edl.attacks import random_noise_attack
-    from timm_edl.evaluation.core import unpack_correct
     from timm_edl.results import model_index, normalize_result
+    from timm_edl.stats import unpack_correct
     x, y = test_points[0][:16], test_points[1][:16]
     twin = conv_twin(honest_model)
     config = quick_config(attacks='noise,pgd,autoattack', aa_attacks=['apgd-ce'], pgd_steps=5, batch_size=8,

@@ -69,7 +69,7 @@ TIMM_TRAIN_PY_ARGS = frozenset({
 
 # the zoo's recipes (make zoo) train on 2 CPU cores on Fashion-MNIST / CIFAR-10-JPEG by design
 ZOO_RECIPES = ('edlnet_resnet8_in_fashion_mnist_pgd', 'edlnet_resnet8_in_cifar10_jpeg_pgd',
-               'edlnet_resnet20_cifar10_jpeg_fast')
+               'edlnet_resnet20_cifar10_jpeg_fast', 'edlnet_resnet8_in_cifar10_jpeg_smooth')
 GPU_RECIPES = [p for p in RECIPES if not p.stem.startswith('cpu_') and p.stem not in ZOO_RECIPES]
 
 
@@ -142,6 +142,18 @@ def test_awp_recipes_perturb_weights_with_the_published_settings():
             for key in ('output', 'awp_gamma', 'awp_warmup'):
                 d.pop(key)
         assert cfg == plain, path.stem
+
+
+def test_smoothing_recipe_is_the_zoo_recipe_trained_on_gaussian_noise():
+    """Cohen et al.'s recipe (natural training on x + N(0, 0.25^2 I)) on the zoo's CIFAR-10-JPEG
+    network: model, data, optimiser and seed as in the PGD recipe; best/ on the hold-out's noisy accuracy."""
+    smooth = config_to_dict(load_config(ROOT / 'recipes' / 'edlnet_resnet8_in_cifar10_jpeg_smooth.yaml'))
+    pgd = config_to_dict(load_config(ROOT / 'recipes' / 'edlnet_resnet8_in_cifar10_jpeg_pgd.yaml'))
+    assert (smooth['objective'], smooth['sigma'], smooth['val_select']) == ('natural', 0.25, 'noisy')
+    assert (smooth['val_split'], smooth['val_n_ex']) == ('holdout', 1000)
+    differ = {'output', 'objective', 'sigma', 'val_select', 'val_split', 'epochs', 'attack_steps', 'attack_step_size'}
+    for key in set(smooth) - differ:
+        assert smooth[key] == pgd[key], key
 
 
 @pytest.mark.parametrize('path', [p for p in RECIPES if '_conv_' in p.stem], ids=lambda p: p.stem)

@@ -30,6 +30,10 @@ field               required  meaning
 ``checks``          no        the gradient-masking checks run: a list of ``{"name",
                               "status", "summary"}`` (status ``passed`` / ``failed`` /
                               ``warning`` / ``skipped``)
+``per_point``       no        which of the ``n_ex`` points stayed correct, by attack
+                              (``clean``, ``pgd``, ``autoattack``, ...): hex strings of
+                              :func:`timm_edl.stats.pack_correct` (``timm-edl eval``
+                              writes them; the card's paired McNemar tests read them)
 ==================  ========  =======================================================
 
 "Robust" means ``autoattack_acc`` or ``pgd_acc`` is present.  Unknown fields are ignored.
@@ -40,6 +44,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from .stats import unpack_correct
 from .threat import ThreatModelError, canonical_threat_model, format_eps
 
 __all__ = ['normalize_result', 'read_eval_results', 'model_index', 'eval_results', 'eps_text', 'attack_label',
@@ -126,6 +131,16 @@ def normalize_result(entry: Dict[str, Any], where: str = 'evaluation results') -
         if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get('name') for c in checks):
             raise ValueError(f"{where}: checks must be a list of {{'name', 'status', 'summary'}} objects")
         out['checks'] = [{k: str(c.get(k) or '') for k in ('name', 'status', 'summary')} for c in checks]
+    per_point = entry.get('per_point')
+    if per_point:
+        if not isinstance(per_point, dict) or not all(isinstance(v, str) for v in per_point.values()):
+            raise ValueError(f"{where}: per_point must map attack names to packed per-point results (hex strings)")
+        for key, text in per_point.items():
+            try:
+                unpack_correct(text, out['n_ex'])
+            except ValueError as e:
+                raise ValueError(f"{where}: per_point[{key!r}]: {e}") from None
+        out['per_point'] = {str(k): v for k, v in per_point.items()}
     failed = entry.get('failed_checks') or []
     if entry.get('unreliable') or failed:
         out['unreliable'] = True

@@ -21,6 +21,7 @@ from .config import ATTACKS, EvalConfig, EvalSetting
 from .models import NAIVE_MODES, describe_model, naive_surrogate
 from .runners import correct_under_attack, make_noise, make_pgd, predict_correct, run_autoattack
 from .. import results as result_schema
+from ..stats import pack_correct, unpack_correct  # noqa: F401  (unpack_correct: still importable from here)
 from ..threat import default_eps, format_eps
 from ..weights import state_dict_digest
 from .errors import EvaluationError
@@ -513,23 +514,6 @@ def _report(run: _Run, checks: List[Check], sweep_points: List[Dict[str, Any]], 
     }
     report['model_index'] = model_index(report)
     return report
-
-
-def pack_correct(correct: torch.Tensor) -> str:
-    """Per-point correctness (bool, one per evaluated point, in order) as a hex string of its
-    bits, most significant first (8 points per 2 hex digits): 10,000 points in 2,500 characters."""
-    bits = correct.detach().to('cpu', torch.bool).flatten().tolist()
-    bits += [False] * (-len(bits) % 8)
-    return bytes(int(''.join('1' if b else '0' for b in bits[i:i + 8]), 2)
-                 for i in range(0, len(bits), 8)).hex()
-
-
-def unpack_correct(text: str, n: int) -> List[bool]:
-    """The first ``n`` per-point results written by :func:`pack_correct`."""
-    bits = [c == '1' for byte in bytes.fromhex(text) for c in f'{byte:08b}']
-    if len(bits) < n:
-        raise ValueError(f"packed per-point results hold {len(bits)} points, asked for {n}")
-    return bits[:n]
 
 
 def model_index(report: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -10,6 +10,7 @@ import torch.nn as nn
 from ..convert import PRESERVE_FUNCTION, edl_layer_config
 from ..layers import edl_layers
 from ..results import attack_label, data_label, eps_text, eval_results, pct, pct_text
+from ..stats import mcnemar_exact, paired_counts, unpack_correct
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / '_cards' / 'model_card.md.tmpl'  # hub_cards/ links to it
 _TAGS = ('image-classification', 'timm', 'edlnet', 'adversarial-robustness', 'timm-edl',
@@ -94,31 +95,72 @@ def _same_points(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in keys) and abs(a.get('eps', 0.0) - b.get('eps', 0.0)) < 1e-9
 
 
+#: the metrics of the comparison table: (name, accuracy field, per_point key)
+_PAIRED = (('clean', 'clean_acc', 'clean'), ('AutoAttack', 'autoattack_acc', 'autoattack'), ('PGD', 'pgd_acc', 'pgd'))
+
+
+def paired_p_values(r: Dict[str, Any], o: Dict[str, Any], label: str) -> Tuple[List[Optional[float]], List[str]]:
+    """McNemar's exact p-value (:mod:`timm_edl.stats`) of this model's result ``r`` against the
+    result ``o`` of ``label`` on the same ``n_ex`` points, per metric of ``_PAIRED``, from their
+    packed per-point results; ``None`` where one cannot be computed, with the reason."""
+    values, reasons = [], []
+    for name, acc_key, key in _PAIRED:
+        missing = [who for who, e in (('this model', r), (label, o)) if e.get(acc_key) is None]
+        if not missing:
+            missing = [f"the evaluation JSON of {who} has no per-point {name} results" for who, e in
+                       (('this model', r), (label, o)) if key not in (e.get('per_point') or {})]
+        else:
+            missing = [f"{name} was not evaluated for {' and '.join(missing)}"]
+        if missing:
+            values.append(None)
+            reasons += missing
+            continue
+        b, c = paired_counts(unpack_correct(r['per_point'][key], r['n_ex']),
+                             unpack_correct(o['per_point'][key], o['n_ex']))
+        values.append(mcnemar_exact(b, c))
+    return values, reasons
+
+
+def _p_text(values: List[Optional[float]]) -> str:
+    return ' / '.join('-' if p is None else f"{p:.3g}" for p in values)
+
+
 def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[Dict[str, Any]]]) -> str:
     """Other models (e.g. the conv twin) on exactly the points of ``results``: one row per
-    (evaluation, model).  A comparison result that matches no evaluation of this model is an error."""
+    (evaluation, model), with the paired McNemar p-value of each metric against this model.
+    A comparison result that matches no evaluation of this model is an error."""
     if not compare:
         return ''
-    rows = ['| Model | Dataset (split) | Test points | Clean accuracy | AutoAttack accuracy | PGD accuracy |',
-            '|---|---|---|---|---|---|']
+    names = ' / '.join(name for name, _, _ in _PAIRED)
+    rows = ['| Model | Dataset (split) | Test points | Clean accuracy | AutoAttack accuracy | PGD accuracy '
+            f'| McNemar p ({names}) |', '|---|---|---|---|---|---|---|']
+    reasons: List[str] = []
     for r in results:
         rows.append(f"| this model | {data_label(r)} ({r['split']}) | {r['n_ex']} | {pct_text(r['clean_acc'])} "
-                    f"| {pct_text(r.get('autoattack_acc'))} | {pct_text(r.get('pgd_acc'))} |")
+                    f"| {pct_text(r.get('autoattack_acc'))} | {pct_text(r.get('pgd_acc'))} | |")
         for label, others in compare.items():
             for o in others:
                 if _same_points(r, o):
                     flag = f" (**failed check: {', '.join(o.get('failed_checks') or ['unreliable'])}**)" \
                         if o.get('unreliable') else ''
+                    p_values, why = paired_p_values(r, o, label)
+                    reasons += [w for w in why if w not in reasons]
                     rows.append(f"| {label}{flag} | {data_label(o)} ({o['split']}) | {o['n_ex']} "
                                 f"| {pct_text(o['clean_acc'])} | {pct_text(o.get('autoattack_acc'))} "
-                                f"| {pct_text(o.get('pgd_acc'))} |")
+                                f"| {pct_text(o.get('pgd_acc'))} | {_p_text(p_values)} |")
     for label, others in compare.items():
         for o in others:
             if not any(_same_points(r, o) for r in results):
                 raise ValueError(f"the comparison results of {label!r} ({data_label(o)}, {o['n_ex']} points) match no "
                                  f"evaluation of this model: compare on the same points")
+    note = ("McNemar p: the two-sided exact McNemar test of this model against that row's model on the same "
+            "points, from the per-point results of both evaluation JSONs (`per_point`): the binomial test of the "
+            "points only this model gets right against the points only the other gets right. A small p: chance "
+            "alone hardly explains the difference between the two accuracies on these points.")
+    if reasons:
+        note += f" '-': {'; '.join(reasons)}."
     return ("\n\nOn the same test points, with the same attacks (each model's own evaluation JSON):\n\n"
-            + '\n'.join(rows))
+            + '\n'.join(rows) + '\n\n' + note)
 
 
 def _range_text(values: List[float]) -> str:

@@ -29,6 +29,7 @@ NORMS = ('Linf', 'L2')
 CRAFT_BN_MODES = ('eval', 'train')
 MIXED_PRECISION = ('no', 'bf16', 'fp16')
 VAL_SPLITS = ('holdout', 'test')
+VAL_SELECT = ('robust', 'noisy')      # what selects best/: PGD accuracy | accuracy under noise sigma
 PROGRESS = ('auto', 'always', 'never')
 COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
 os_PathLike = typing.Union[str, Path]
@@ -77,6 +78,7 @@ class TrainConfig:
     craft_bn: str = 'eval'                    # BN while crafting: eval (running stats) | train (batch stats)
     awp_gamma: float = 0.0                    # AWP (Wu et al. 2020) weight perturbation size, relative per layer; 0: off
     awp_warmup: int = 0                       # epochs before AWP starts
+    sigma: float = 0.0                        # std of Gaussian noise on the training inputs (smoothing); 0: off
     # ---------------------------------------------------------------- optimisation (timm)
     epochs: int = 200
     opt: str = 'sgd'
@@ -110,6 +112,7 @@ class TrainConfig:
     val_attack_steps: int = 10
     val_attack_step_size: Optional[float] = None  # None: 2.5 * val_eps / val_attack_steps
     val_batch_size: int = 256
+    val_select: str = 'robust'                # best/ by: robust (PGD) | noisy (accuracy under noise sigma)
     # ---------------------------------------------------------------- run
     output: Optional[str] = None              # run folder; None: runs/<recipe name>
     seed: int = 0
@@ -234,13 +237,14 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     choice('craft_bn', CRAFT_BN_MODES)
     choice('mixed_precision', MIXED_PRECISION)
     choice('val_split', VAL_SPLITS)
+    choice('val_select', VAL_SELECT)
     choice('progress', PROGRESS)
     positive = ('epochs', 'batch_size', 'grad_accum_steps', 'val_batch_size', 'keep_checkpoints')
     for key in positive:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     non_negative = ('num_workers', 'attack_steps', 'val_attack_steps', 'val_every', 'save_every_steps',
-                    'warmup_epochs', 'lr', 'weight_decay', 'min_lr', 'trades_beta', 'mart_beta')
+                    'warmup_epochs', 'lr', 'weight_decay', 'min_lr', 'trades_beta', 'mart_beta', 'sigma')
     for key in non_negative:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
@@ -263,6 +267,12 @@ def _validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.awp_gamma > 0 and cfg.objective not in AWP_OBJECTIVES:
         raise ConfigError(f"awp_gamma > 0 (adversarial weight perturbation) is supported for objectives "
                           f"{', '.join(AWP_OBJECTIVES)}, not {cfg.objective!r}")
+    if cfg.sigma > 0 and cfg.objective != 'natural':
+        raise ConfigError(f"sigma > 0 (Gaussian-noise training for randomized smoothing) is defined for objective "
+                          f"natural only, not {cfg.objective!r}: set objective: natural or sigma: 0")
+    if cfg.val_select == 'noisy' and cfg.sigma == 0:
+        raise ConfigError("val_select: noisy selects best/ on the accuracy under Gaussian noise of std sigma, but "
+                          "sigma is 0: set sigma > 0 or val_select: robust")
     if cfg.objective == 'fast' and cfg.norm != 'Linf':
         raise ConfigError("objective 'fast' (FGSM-RS) is defined for norm Linf only")
     if cfg.objective in ('pgd', 'trades', 'mart') and cfg.attack_steps < 1:

@@ -41,11 +41,16 @@ def eval_results(cfg: TrainConfig, info: D.DatasetInfo, metrics: Dict[str, Any],
 
     They are training-time numbers (PGD-k, one restart, on the validation subset), labelled
     with their split; a full evaluation (``timm-edl eval``) should replace them before publishing.
+    With ``sigma > 0`` the accuracy under noise (one draw) is written in the footnote.
     """
     prefix = 'ema_' if use_ema else ''
     clean, robust = metrics.get(f'{prefix}clean_top1'), metrics.get(f'{prefix}robust_top1')
     if clean is None:
         return None
+    noisy = metrics.get(f'{prefix}noisy_top1')
+    footnote = None if noisy is None else (
+        f"Trained with Gaussian noise of std {cfg.sigma:g} on its inputs (randomized smoothing); accuracy of this "
+        f"base classifier on the same points under one draw of that noise: {noisy:.2f} %.")
     return normalize_result({
         'dataset': info.name,
         'split': 'train-holdout' if cfg.val_split == 'holdout' else 'test',
@@ -56,4 +61,5 @@ def eval_results(cfg: TrainConfig, info: D.DatasetInfo, metrics: Dict[str, Any],
         'eps': eps,
         'pgd_steps': cfg.val_attack_steps,
         'pgd_restarts': 1,
+        'footnote': footnote,
     }, 'validation metrics')

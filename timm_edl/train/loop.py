@@ -5,7 +5,8 @@ accelerate does device placement, mixed precision (``autocast``), gradient accum
 ``distribute_bn`` the BatchNorm sync and ``update_summary`` the summary CSV.
 
 The attack's random start for batch ``b`` of epoch ``e`` on rank ``r`` is seeded by
-``(seed, e, b, r)``, so a resumed run crafts exactly the inputs of an uninterrupted one.
+``(seed, e, b, r)``, so a resumed run crafts exactly the inputs of an uninterrupted one; so is
+the Gaussian noise of ``sigma`` (its own stream).
 Under DDP, parameters that were frozen when the model was wrapped (beta, until the elastic
 stage) are not reduced by DDP: their gradients are averaged here.
 
@@ -69,6 +70,7 @@ class Run:
     last_eval: Dict[str, float] = field(default_factory=dict)
     t0: float = 0.0                   # start of the epoch's time not yet in state.epoch_time
     attack_generator: Optional[torch.Generator] = None
+    noise_generator: Optional[torch.Generator] = None
     deadline: Optional[float] = None  # time.time() at which time_budget_min is used up
 
     def out_of_time(self) -> bool:
@@ -155,10 +157,23 @@ def train_one_epoch(run: Run, epoch: int) -> Optional[str]:
     return None
 
 
+def add_noise(run: Run, epoch: int, x: torch.Tensor) -> torch.Tensor:
+    """``x + sigma * n`` with ``n ~ N(0, I)`` of the shape of ``x`` (unclipped: randomized
+    smoothing's training distribution), ``n`` seeded by ``(seed, epoch, batch, rank)``."""
+    if run.noise_generator is None:
+        run.noise_generator = torch.Generator(device=x.device)
+    run.noise_generator.manual_seed(
+        mix_seed(run.cfg.seed, 6, epoch, run.state.step_in_epoch, run.accelerator.process_index))
+    return x + run.cfg.sigma * torch.randn(x.shape, generator=run.noise_generator, device=x.device, dtype=x.dtype)
+
+
 def train_step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor) -> None:
     """Craft the inputs of batch ``(x, y)``, take one (accumulated) optimizer step and add the
-    batch's metrics to ``run.state.sums``; the attack's random start is seeded by the position."""
+    batch's metrics to ``run.state.sums``; the attack's random start is seeded by the position.
+    With ``sigma > 0`` (objective natural) the model trains on :func:`add_noise` of ``x``."""
     cfg, accelerator, model, raw = run.cfg, run.accelerator, run.model, run.raw
+    if cfg.sigma > 0:
+        x = add_noise(run, epoch, x)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if run.attack_generator is None:
@@ -246,7 +261,8 @@ def finish_epoch(run: Run, epoch: int) -> None:
     """Write the epoch's summary row and log line, validate (every ``val_every`` epochs and
     at the last), export a new best model and move on to the next epoch.
 
-    ``best/`` holds the epoch with the highest PGD accuracy on the held-out training images
+    ``best/`` holds the epoch with the highest PGD accuracy (``val_select: robust``) or accuracy
+    under noise ``sigma`` (``val_select: noisy``) on the held-out training images
     (``val_split: holdout``); test images (``val_split: test``) are reported, never selected on."""
     cfg, accelerator, state, raw, ema = run.cfg, run.accelerator, run.state, run.raw, run.ema
     if accelerator.num_processes > 1:  # every rank validates and exports with rank 0's BN statistics (as timm)
@@ -254,9 +270,8 @@ def finish_epoch(run: Run, epoch: int) -> None:
     train_metrics = _train_metrics(run)
     train_metrics['epoch_time'] = state.epoch_time + (time.time() - run.t0)  # training only, not validation
     do_eval = run.val_loader is not None and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs)
-    eval_metrics: Dict[str, Any] = {'clean_top1': None, 'robust_top1': None}
-    if ema is not None:
-        eval_metrics.update(ema_clean_top1=None, ema_robust_top1=None)
+    names = ['clean_top1', 'robust_top1'] + (['noisy_top1'] if cfg.sigma > 0 else [])
+    eval_metrics: Dict[str, Any] = dict.fromkeys(names + ([f'ema_{k}' for k in names] if ema is not None else []))
     if do_eval:
         eval_metrics.update(validate(raw, run.val_loader, cfg, run.val_eps, accelerator))
         if ema is not None:
@@ -270,20 +285,24 @@ def finish_epoch(run: Run, epoch: int) -> None:
             f"{_fmt(train_metrics['loss'], False)} clean {_fmt(train_metrics['clean_top1'])} adv "
             f"{_fmt(train_metrics['robust_top1'])} | val clean {_fmt(eval_metrics['clean_top1'])} "
             f"PGD-{cfg.val_attack_steps} {_fmt(eval_metrics['robust_top1'])}"
+            + (f" noise {cfg.sigma:g} {_fmt(eval_metrics['noisy_top1'])}" if cfg.sigma > 0 else '')
             + (f" (EMA {_fmt(eval_metrics['ema_clean_top1'])} / {_fmt(eval_metrics['ema_robust_top1'])})"
                if ema is not None and do_eval else '')
             + (f" | beta {train_metrics['beta_mean']:.4f}" if 'beta_mean' in train_metrics else '')
             + f" | {train_metrics['epoch_time']:.1f}s")
     if do_eval and cfg.val_split == 'holdout':
-        metric = eval_metrics['ema_robust_top1' if ema is not None else 'robust_top1']
+        metric = eval_metrics[f"{'ema_' if ema is not None else ''}{cfg.val_select}_top1"]
         if state.best_metric is None or metric > state.best_metric:
             state.best_metric, state.best_epoch = metric, epoch
             if accelerator.is_main_process:
                 how = _export(run, 'best', eval_metrics)
-                run.log(f"new best robust accuracy {metric:.2f}% at epoch {epoch + 1}: exported "
+                run.log(f"new best {_SELECTED[cfg.val_select]} {metric:.2f}% at epoch {epoch + 1}: exported "
                         f"{run.output / 'best'} ({how})")
             accelerator.wait_for_everyone()
     state.next_epoch()
+
+
+_SELECTED = {'robust': 'robust accuracy', 'noisy': 'accuracy under noise'}
 
 
 def _export(run: Run, name: str, metrics: Dict[str, Any]) -> str:
@@ -300,6 +319,6 @@ def export_final(run: Run) -> None:
         how = _export(run, 'final', run.last_eval)
         state = run.state
         run.log(f"done: final model exported to {run.output / 'final'} ({how})"
-                + (f"; best robust accuracy {state.best_metric:.2f}% (epoch {state.best_epoch + 1}) in "
+                + (f"; best {_SELECTED[run.cfg.val_select]} {state.best_metric:.2f}% (epoch {state.best_epoch + 1}) in "
                    f"{run.output / 'best'}" if state.best_metric is not None else ''))
     run.accelerator.wait_for_everyone()
