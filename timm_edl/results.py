@@ -254,7 +254,8 @@ def eval_results(results: Sequence[Dict[str, Any]]) -> List[Any]:
                 metric_value=pct(r['corruptions_acc']),
                 metric_args={'threat_model': CORRUPTIONS, 'n_ex': r['n_ex'], 'corruptions': r.get('corruptions'),
                              'severities': r.get('severities')},
-                **{**common, 'dataset_name': r.get('corruption_label') or f"{data_label(r)} corruptions"}))
+                **{**common, 'dataset_config': CORRUPTIONS,  # its own group, named by the corrupted set
+                   'dataset_name': r.get('corruption_label') or f"{data_label(r)} corruptions"}))
     return out
 
 
