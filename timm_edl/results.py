@@ -36,6 +36,13 @@ field               required  meaning
                               writes them; the card's paired McNemar tests read them)
 ==================  ========  =======================================================
 
+A common-corruptions entry (``threat_model`` = ``corruptions``, written by ``timm-edl eval
+--threat-model corruptions``) has no ``eps`` and no attack; ``clean_acc`` is optional there and
+``corruptions_acc`` (the mean accuracy over every corruption and severity evaluated) is
+required; optional: ``corruption_label`` (``CIFAR-10-C``, or the label of generated
+corruptions), ``corruptions``, ``severities``, ``corruption_accuracy`` (``{corruption:
+{severity: accuracy}}``) and ``mean_per_severity`` (``{severity: accuracy}``).
+
 "Robust" means ``autoattack_acc`` or ``pgd_acc`` is present.  Unknown fields are ignored.
 :func:`model_index` turns entries into the Hub's ``model-index`` with huggingface_hub's
 :class:`~huggingface_hub.EvalResult`.
@@ -47,10 +54,15 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from .stats import unpack_correct
 from .threat import ThreatModelError, canonical_threat_model, format_eps
 
-__all__ = ['normalize_result', 'read_eval_results', 'model_index', 'eval_results', 'eps_text', 'attack_label',
+__all__ = ['INDEX_FIELDS', 'corruption_scope', 'normalize_result', 'read_eval_results', 'model_index', 'eval_results', 'eps_text', 'attack_label',
            'data_label', 'pct', 'pct_text']
 
 Results = Union[None, str, Path, Dict[str, Any], Sequence[Any]]
+CORRUPTIONS = 'corruptions'  # the threat model of a common-corruptions entry
+#: the fields of an evaluation report that its own ``model-index`` entry is built from
+INDEX_FIELDS = ('dataset', 'split', 'n_ex', 'clean_acc', 'autoattack_acc', 'pgd_acc', 'threat_model', 'eps',
+                'eps_text', 'version', 'pgd_steps', 'data_label', 'corruptions_acc', 'corruption_label',
+                'corruptions', 'severities', 'corruption_accuracy', 'mean_per_severity')
 
 
 def pct(value: float) -> float:
@@ -81,17 +93,14 @@ def normalize_result(entry: Dict[str, Any], where: str = 'evaluation results') -
     """One entry checked against the schema, with defaults filled and unknown fields dropped."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: an evaluation result must be a JSON object, got {type(entry).__name__}")
+    if str(entry.get('threat_model') or '').lower() == CORRUPTIONS:
+        return _normalize_corruptions(entry, where)
     out: Dict[str, Any] = {}
     for key in ('dataset', 'n_ex', 'clean_acc'):
         if entry.get(key) is None:
             raise ValueError(f"{where}: required field {key!r} is missing (fields: dataset, n_ex, clean_acc, "
                              f"threat_model, eps, autoattack_acc, pgd_acc, attack, version)")
-    out['dataset'] = str(entry['dataset'])
-    out['split'] = str(entry.get('split') or 'test')
-    n_ex = entry['n_ex']
-    if isinstance(n_ex, bool) or not isinstance(n_ex, (int, float)) or int(n_ex) != n_ex or n_ex <= 0:
-        raise ValueError(f"{where}: n_ex must be a positive integer, got {n_ex!r}")
-    out['n_ex'] = int(n_ex)
+    out.update(_points(entry, where))
     out['clean_acc'] = _fraction(entry, 'clean_acc', where)
     for key in ('autoattack_acc', 'pgd_acc'):
         value = _fraction(entry, key, where)
@@ -146,6 +155,41 @@ def normalize_result(entry: Dict[str, Any], where: str = 'evaluation results') -
         out['unreliable'] = True
         if failed:
             out['failed_checks'] = [str(c) for c in failed]
+    return out
+
+
+def _points(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """``dataset``, ``split`` and ``n_ex`` of an entry, checked."""
+    n_ex = entry.get('n_ex')
+    if isinstance(n_ex, bool) or not isinstance(n_ex, (int, float)) or int(n_ex) != n_ex or n_ex <= 0:
+        raise ValueError(f"{where}: n_ex must be a positive integer, got {n_ex!r}")
+    return {'dataset': str(entry['dataset']), 'split': str(entry.get('split') or 'test'), 'n_ex': int(n_ex)}
+
+
+def _normalize_corruptions(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """A common-corruptions entry checked (see the module docstring)."""
+    for key in ('dataset', 'n_ex', 'corruptions_acc'):
+        if entry.get(key) is None:
+            raise ValueError(f"{where}: required field {key!r} of a corruptions result is missing (fields: dataset, "
+                             f"n_ex, corruptions_acc, clean_acc, corruption_label, corruption_accuracy)")
+    out = {**_points(entry, where), 'threat_model': CORRUPTIONS,
+           'corruptions_acc': _fraction(entry, 'corruptions_acc', where)}
+    if entry.get('clean_acc') is not None:
+        out['clean_acc'] = _fraction(entry, 'clean_acc', where)
+    for key in ('corruption_label', 'architecture', 'weights_digest', 'data_label', 'footnote'):
+        if entry.get(key):
+            out[key] = str(entry[key])
+    if entry.get('corruptions'):
+        out['corruptions'] = [str(c) for c in entry['corruptions']]
+    if entry.get('severities'):
+        out['severities'] = [int(s) for s in entry['severities']]
+    table = entry.get('corruption_accuracy')
+    if table:
+        out['corruption_accuracy'] = {str(c): {str(s): _fraction(row, s, f"{where}: corruption_accuracy[{c}]")
+                                               for s in row} for c, row in table.items()}
+    if entry.get('mean_per_severity'):
+        out['mean_per_severity'] = {str(s): _fraction(entry['mean_per_severity'], s, f"{where}: mean_per_severity")
+                                    for s in entry['mean_per_severity']}
     return out
 
 
@@ -205,8 +249,8 @@ def eval_results(results: Sequence[Dict[str, Any]]) -> List[Any]:
     for r in results:
         common = dict(task_type='image-classification', task_name='Image Classification',
                       dataset_type=r['dataset'], dataset_name=data_label(r), dataset_split=r['split'], verified=False)
-        clean = (r['dataset'], r['split'], r['n_ex'], r['clean_acc'])
-        if clean not in seen:  # one clean accuracy per set of points, however many threat models
+        clean = (r['dataset'], r['split'], r['n_ex'], r.get('clean_acc'))
+        if clean not in seen and clean[-1] is not None:  # one clean accuracy per set of points
             seen.add(clean)
             out.append(EvalResult(metric_type='accuracy', metric_name='Clean accuracy',
                                   metric_value=pct(r['clean_acc']), metric_args={'n_ex': r['n_ex']}, **common))
@@ -219,7 +263,23 @@ def eval_results(results: Sequence[Dict[str, Any]]) -> List[Any]:
                     metric_value=pct(r[key]),
                     metric_args={'threat_model': r['threat_model'], 'eps': r['eps'], 'attack': attack,
                                  'n_ex': r['n_ex']}, **common))
+        if 'corruptions_acc' in r:
+            out.append(EvalResult(
+                metric_type='corruption-accuracy', metric_name=f"Corruption accuracy ({corruption_scope(r)})",
+                metric_value=pct(r['corruptions_acc']),
+                metric_args={'threat_model': CORRUPTIONS, 'n_ex': r['n_ex'], 'corruptions': r.get('corruptions'),
+                             'severities': r.get('severities')},
+                **{**common, 'dataset_config': CORRUPTIONS,  # its own group, named by the corrupted set
+                   'dataset_name': r.get('corruption_label') or f"{data_label(r)} corruptions"}))
     return out
+
+
+def corruption_scope(r: Dict[str, Any]) -> str:
+    """``'mean over 15 corruptions x 5 severities'`` (what a corruption accuracy averages)."""
+    corruptions, severities = r.get('corruptions'), r.get('severities')
+    if not corruptions or not severities:
+        return 'mean over corruptions and severities'
+    return f"mean over {len(corruptions)} corruptions x {len(severities)} severities"
 
 
 def model_index(model_name: str, results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:

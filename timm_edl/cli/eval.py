@@ -6,6 +6,10 @@ Example::
         --threat-model Linf --eps 8/255 --n-ex 10000 --attacks autoattack,pgd \\
         --batch-size 500 --eps-sweep 0,2/255,4/255,8/255,16/255 --naive --surrogate twin --out results/
 
+``--threat-model corruptions`` runs the common-corruptions evaluation instead
+(:mod:`.eval_corruptions`): accuracy on ``<data-dir>/CIFAR-10-C`` (or corruptions generated
+for other datasets) per corruption and severity.
+
 Exit status (:mod:`timm_edl.cli.errors`): 0 done; 1 a check failed and ``--strict`` was
 given; 2 a usage error (bad option, unknown model, missing data: the message says what and
 how to fix it); 130 interrupted (rerun the same command: AutoAttack resumes from its state
@@ -15,12 +19,15 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Set
 
 from .args import add_model_options, model_options
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, fail, usage_errors
 
 __all__ = ['main', 'build_parser']
+
+CORRUPTIONS = 'corruptions'  # the --threat-model of the common-corruptions evaluation
+CORRUPTION_OPTIONS = ('corruptions', 'severities', 'corruption_dir', 'corruption_cache')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,12 +49,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--n-ex', type=int, default=None, help='first n test points, in order (default: all)')
     g.add_argument('--image-size', type=int, default=None, help='resize + centre-crop images (image folders)')
     g = p.add_argument_group('threat model')
-    g.add_argument('--threat-model', default='Linf', help='Linf, L2 or L1')
+    g.add_argument('--threat-model', default='Linf',
+                   help="Linf, L2 or L1; or 'corruptions': accuracy under the 15 common corruptions x 5 severities "
+                        "(RobustBench's third track; no attack)")
     g.add_argument('--eps', default=None,
                    help="radius, e.g. 8/255 or 0.031 (default: RobustBench's 8/255, 0.5, 12; Linf: the "
                         "dataset's default, 0.1 for Fashion-MNIST)")
     g.add_argument('--eps-sweep', default=None, metavar='EPS,EPS,...',
                    help='radii for the robustness curve (PGD on the first --check-n points), e.g. 0,2/255,4/255,8/255')
+    g = p.add_argument_group('common corruptions (--threat-model corruptions)')
+    g.add_argument('--corruptions', default=None, metavar='NAME,NAME',
+                   help='subset of the 15 corruptions (default: all; e.g. gaussian_noise,fog)')
+    g.add_argument('--severities', default=None, metavar='S,S', help="severities, e.g. 1,3 or 2-5 (default: 1-5)")
+    g.add_argument('--corruption-dir', default=None,
+                   help='cifar10 / cifar100: the published set (default <data-dir>/CIFAR-10-C or CIFAR-100-C)')
+    g.add_argument('--corruption-cache', default=None,
+                   help='other datasets: where generated corruptions are cached (default: <cache>/corruptions, '
+                        'the cache being $TIMM_EDL_CACHE_DIR or ~/.cache/timm-edl)')
     g = p.add_argument_group('attacks')
     g.add_argument('--attacks', default='autoattack,pgd',
                    help='comma list of autoattack, pgd, noise (random noise in the eps-ball, no gradient); clean '
@@ -107,6 +125,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _given_options(argv: List[str]) -> Set[str]:
+    """The options ``argv`` gives (by ``dest``), whatever their values."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
 def _flag(option: str) -> str:
     """The flag of an evaluation option: ``pgd_steps`` -> ``--pgd-steps``."""
     return '--' + option.replace('_', '-')
@@ -130,6 +156,12 @@ def _config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace, argv: List[str]) -> int:
+    if str(args.threat_model).strip().lower() == CORRUPTIONS:
+        from .eval_corruptions import run_corruptions
+        return run_corruptions(args, argv, _given_options(argv), _flag)
+    given = _given_options(argv) & set(CORRUPTION_OPTIONS)
+    if given:
+        return fail('eval', f"{', '.join(sorted(_flag(o) for o in given))}: only with --threat-model corruptions")
     from dataclasses import replace
 
     from ..data import DatasetError, dataset_info, get_dataset, load_tensors

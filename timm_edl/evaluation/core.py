@@ -525,7 +525,6 @@ def model_index(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     else:
         name = Path(spec.split(':', 1)[-1] if spec.startswith('local-dir:') else spec).name
         name = name[:-len('.safetensors')] if name.endswith('.safetensors') else name
-    entry = {k: report.get(k) for k in ('dataset', 'split', 'n_ex', 'clean_acc', 'autoattack_acc', 'pgd_acc',
-                                        'threat_model', 'eps', 'eps_text', 'version', 'pgd_steps', 'data_label')}
+    entry = {k: report.get(k) for k in result_schema.INDEX_FIELDS}
     entry = result_schema.normalize_result(entry, 'evaluation report')
     return result_schema.model_index(report.get('name') or name, [entry])

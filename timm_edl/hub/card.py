@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from ..convert import PRESERVE_FUNCTION, edl_layer_config
 from ..layers import edl_layers
-from ..results import attack_label, data_label, eps_text, eval_results, pct, pct_text
+from ..results import attack_label, corruption_scope, data_label, eps_text, eval_results, pct, pct_text
 from ..stats import mcnemar_exact, paired_counts, unpack_correct
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / '_cards' / 'model_card.md.tmpl'  # hub_cards/ links to it
@@ -35,9 +35,16 @@ def metadata_yaml(model_name: str, license: str, datasets: List[str], results: L
 
 
 def evaluation_markdown(results: List[Dict[str, Any]]) -> str:
+    """The card's results table (clean and adversarial), then the common-corruptions section
+    of the corruption results (:func:`corruptions_markdown`)."""
     if not results:
         return ("**No evaluation results are recorded for these weights.** Their clean and robust accuracy "
                 "are unknown: do not assume that this model is robust.")
+    corrupted = [r for r in results if r.get('threat_model') == 'corruptions']
+    results = [r for r in results if r.get('threat_model') != 'corruptions']
+    if not results:
+        return ("**No adversarial evaluation is recorded for these weights**: do not assume that this model is "
+                "robust to attacks." + corruptions_markdown(corrupted))
     rows = ['| Dataset (split) | Test points | Threat model | eps | Clean accuracy | AutoAttack accuracy '
             '| PGD accuracy |', '|---|---|---|---|---|---|---|']
     notes = []
@@ -69,7 +76,34 @@ def evaluation_markdown(results: List[Dict[str, Any]]) -> str:
         note += " **No robust accuracy is recorded.**"
     if notes:
         note += '\n\n' + '\n\n'.join(notes)
-    return '\n'.join(rows) + note
+    return '\n'.join(rows) + note + corruptions_markdown(corrupted)
+
+
+def corruptions_markdown(results: List[Dict[str, Any]]) -> str:
+    """The ``Common corruptions`` section ('' without corruption results): per result, its
+    mean corruption accuracy, the means per severity and (when recorded) the corruption x
+    severity table."""
+    parts = []
+    for r in results:
+        sev = r.get('severities') or sorted(int(s) for s in r.get('mean_per_severity') or {})
+        text = (f"{r.get('corruption_label') or data_label(r)} ({r['split']}, first {r['n_ex']} points): "
+                f"corruption accuracy **{pct_text(r['corruptions_acc'])}** ({corruption_scope(r)}); clean accuracy "
+                f"of the same points {pct_text(r.get('clean_acc'), 'not recorded')}.")
+        if r.get('footnote'):
+            text += f" {r['footnote']}"
+        table = r.get('corruption_accuracy') or {}
+        means = r.get('mean_per_severity') or {}
+        if table or means:
+            rows = ['| Corruption | ' + ' | '.join(f"severity {s}" for s in sev) + ' |', '|---|' + '---:|' * len(sev)]
+            rows += [f"| {c} | " + ' | '.join(pct_text(row.get(str(s))) for s in sev) + ' |' for c, row in table.items()]
+            if means:
+                rows.append('| **Mean** | ' + ' | '.join(pct_text(means.get(str(s))) for s in sev) + ' |')
+            text += '\n\n' + '\n'.join(rows)
+        parts.append(text)
+    if not parts:
+        return ''
+    return ("\n\n### Common corruptions\n\nAccuracy on corrupted copies of the test points (`timm-edl eval "
+            "--threat-model corruptions`; RobustBench's corruptions track).\n\n" + '\n\n'.join(parts))
 
 
 def checks_markdown(results: List[Dict[str, Any]]) -> str:
@@ -136,7 +170,7 @@ def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[D
             f'| McNemar p ({names}) |', '|---|---|---|---|---|---|---|']
     reasons: List[str] = []
     for r in results:
-        rows.append(f"| this model | {data_label(r)} ({r['split']}) | {r['n_ex']} | {pct_text(r['clean_acc'])} "
+        rows.append(f"| this model | {data_label(r)} ({r['split']}) | {r['n_ex']} | {pct_text(r.get('clean_acc'))} "
                     f"| {pct_text(r.get('autoattack_acc'))} | {pct_text(r.get('pgd_acc'))} | |")
         for label, others in compare.items():
             for o in others:
@@ -146,7 +180,7 @@ def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[D
                     p_values, why = paired_p_values(r, o, label)
                     reasons += [w for w in why if w not in reasons]
                     rows.append(f"| {label}{flag} | {data_label(o)} ({o['split']}) | {o['n_ex']} "
-                                f"| {pct_text(o['clean_acc'])} | {pct_text(o.get('autoattack_acc'))} "
+                                f"| {pct_text(o.get('clean_acc'))} | {pct_text(o.get('autoattack_acc'))} "
                                 f"| {pct_text(o.get('pgd_acc'))} | {_p_text(p_values)} |")
     for label, others in compare.items():
         for o in others:
