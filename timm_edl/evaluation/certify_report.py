@@ -111,7 +111,7 @@ def plot_certified(report: Dict[str, Any], path: Path) -> Path:
     ax.set_ylabel('certified accuracy (%)')
     ax.set_ylim(-2, 102)
     ax.set_title(f"{report['model'].get('spec') or report['architecture']} on {report['data_label']} "
-                 f"({n} points)", fontsize=9)
+                 f"({n} points)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
