@@ -46,6 +46,13 @@ corruptions), ``corruptions``, ``severities``, ``corruption_accuracy`` (``{corru
 "Robust" means ``autoattack_acc`` or ``pgd_acc`` is present.  Unknown fields are ignored.
 :func:`model_index` turns entries into the Hub's ``model-index`` with huggingface_hub's
 :class:`~huggingface_hub.EvalResult`.
+
+Certified robustness (``timm-edl certify``, schema ``timm-edl-certify/1``, randomized
+smoothing) has entries of its own, read by :func:`read_certified_results`: ``dataset``,
+``split``, ``n_ex``, ``sigma``, ``n0``, ``n``, ``alpha``, ``certified_accuracy`` (a list of
+``{"radius", "accuracy"}``, L2 radii, accuracies as fractions), ``abstention_rate``, and
+optionally ``architecture``, ``weights_digest``, ``data_label``, ``base_clean_acc``;
+:func:`certified_eval_results` gives one ``certified-accuracy`` metric per radius.
 """
 import json
 from pathlib import Path
@@ -54,8 +61,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from .stats import unpack_correct
 from .threat import ThreatModelError, canonical_threat_model, format_eps
 
-__all__ = ['INDEX_FIELDS', 'corruption_scope', 'normalize_result', 'read_eval_results', 'model_index', 'eval_results', 'eps_text', 'attack_label',
-           'data_label', 'pct', 'pct_text']
+__all__ = ['INDEX_FIELDS', 'corruption_scope', 'normalize_result', 'read_eval_results', 'model_index', 'eval_results',
+           'eps_text', 'attack_label', 'data_label', 'pct', 'pct_text', 'CERTIFY_SCHEMA', 'normalize_certified',
+           'read_certified_results', 'certified_eval_results', 'certified_model_index']
+
+CERTIFY_SCHEMA = 'timm-edl-certify/1'
 
 Results = Union[None, str, Path, Dict[str, Any], Sequence[Any]]
 CORRUPTIONS = 'corruptions'  # the threat model of a common-corruptions entry
@@ -286,3 +296,84 @@ def model_index(model_name: str, results: Sequence[Dict[str, Any]]) -> List[Dict
     """The Hub card's ``model-index`` block for normalised ``results`` (huggingface_hub's layout)."""
     from huggingface_hub.repocard_data import eval_results_to_model_index
     return eval_results_to_model_index(model_name, eval_results(results))
+
+
+# ----------------------------------------------------------------------------- certified robustness
+
+def _positive(entry: Dict[str, Any], key: str, where: str, kind: type = float) -> Any:
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or kind(value) != value or value <= 0:
+        raise ValueError(f"{where}: {key} must be a positive {'integer' if kind is int else 'number'}, got {value!r}")
+    return kind(value)
+
+
+def normalize_certified(entry: Dict[str, Any], where: str = 'certification results') -> Dict[str, Any]:
+    """One certification report (``timm-edl certify``'s JSON) checked, reduced to what a card shows."""
+    if not isinstance(entry, dict) or entry.get('schema') != CERTIFY_SCHEMA:
+        raise ValueError(f"{where}: not a {CERTIFY_SCHEMA} report (write one with `timm-edl certify`)")
+    out: Dict[str, Any] = {'dataset': str(entry.get('dataset')), 'split': str(entry.get('split') or 'test')}
+    out['n_ex'] = _positive(entry, 'n_ex', where, int)
+    out['n0'] = _positive(entry, 'n0', where, int)
+    out['n'] = _positive(entry, 'n', where, int)
+    out['sigma'] = _positive(entry, 'sigma', where)
+    alpha = _positive(entry, 'alpha', where)
+    if alpha >= 1:
+        raise ValueError(f"{where}: alpha must be in (0, 1), got {alpha}")
+    out['alpha'] = alpha
+    rows = entry.get('certified_accuracy')
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{where}: certified_accuracy must be a non-empty list of {{'radius', 'accuracy'}}")
+    out['certified_accuracy'] = [{'radius': float(r['radius']), 'accuracy': _fraction(r, 'accuracy', where)}
+                                 for r in rows]
+    out['abstention_rate'] = _fraction(entry, 'abstention_rate', where)
+    if entry.get('base_clean_acc') is not None:
+        out['base_clean_acc'] = _fraction(entry, 'base_clean_acc', where)
+    for key in ('architecture', 'weights_digest', 'data_label'):
+        if entry.get(key):
+            out[key] = str(entry[key])
+    return out
+
+
+def read_certified_results(paths: Results) -> List[Dict[str, Any]]:
+    """Normalised certification entries from JSON paths or dicts (one report each)."""
+    if paths is None:
+        return []
+    out = []
+    for item in list(paths) if isinstance(paths, (list, tuple)) else [paths]:
+        where = 'certification results'
+        if isinstance(item, (str, Path)):
+            where, path = str(item), Path(item)
+            if not path.is_file():
+                raise FileNotFoundError(f"certification results file not found: {path}")
+            try:
+                item = json.loads(path.read_text(encoding='utf-8'))
+            except ValueError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+        out.append(normalize_certified(item, where))
+    return out
+
+
+def certified_eval_results(results: Sequence[Dict[str, Any]]) -> List[Any]:
+    """One huggingface_hub :class:`~huggingface_hub.EvalResult` per radius of each certification
+    (``metric_type: certified-accuracy``, the L2 radius, sigma, n, n0, alpha and points in
+    ``metric_args``)."""
+    from huggingface_hub import EvalResult
+    out = []
+    for r in results:
+        common = dict(task_type='image-classification', task_name='Image Classification',
+                      dataset_type=r['dataset'], dataset_name=data_label(r), dataset_split=r['split'], verified=False)
+        for row in r['certified_accuracy']:
+            out.append(EvalResult(
+                metric_type='certified-accuracy',
+                metric_name=f"Certified accuracy (randomized smoothing, L2 radius {row['radius']:g}, "
+                            f"sigma={r['sigma']:g})",
+                metric_value=pct(row['accuracy']),
+                metric_args={'threat_model': 'L2', 'radius': row['radius'], 'sigma': r['sigma'], 'n': r['n'],
+                             'n0': r['n0'], 'alpha': r['alpha'], 'n_ex': r['n_ex']}, **common))
+    return out
+
+
+def certified_model_index(model_name: str, results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The ``model-index`` block of certification entries alone (huggingface_hub's layout)."""
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+    return eval_results_to_model_index(model_name, certified_eval_results(results))

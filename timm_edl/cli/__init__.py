@@ -1,9 +1,10 @@
 """The ``timm-edl`` command: one entry point, one sub-command per job.
 
-Each sub-command is a module exposing ``main(argv) -> int``: ``train``, ``eval``, ``export``,
+Each sub-command is a module exposing ``main(argv) -> int``: ``train``, ``eval``, ``certify``, ``export``,
 ``push`` and ``convert`` live in this package (their libraries below it), ``demo`` beside
 it.  All of them share one grammar (:mod:`.args`: ``KEY=VALUE`` options and the model option group) and
-one exit-status rule (:mod:`.errors`: 0 done, 1 a failure while running, 2 a usage error).
+one exit-status rule (:mod:`.errors`: 0 done, 1 a failure while running, 2 a usage error, 75 stopped
+unfinished with its progress saved, 130 interrupted).
 Modules are imported only when their sub-command runs, so ``timm-edl --help`` stays fast.
 """
 import importlib
@@ -13,6 +14,7 @@ from typing import List, Optional
 COMMANDS = {
     "train": ("timm_edl.cli.train", "adversarial training / fine-tuning (accelerate)"),
     "eval": ("timm_edl.cli.eval", "RobustBench-style evaluation (clean, PGD, AutoAttack)"),
+    "certify": ("timm_edl.cli.certify", "certified L2 robustness by randomized smoothing (Cohen et al.)"),
     "export": ("timm_edl.cli.export", "write a Hub-ready folder (safetensors, config.json, card)"),
     "push": ("timm_edl.cli.push", "upload an exported folder to the Hugging Face Hub"),
     "convert": ("timm_edl.cli.convert", "turn the convolutions of a timm CNN into EDL layers"),

@@ -1,6 +1,6 @@
 """Exit status and error messages of every ``timm-edl`` command.
 
-One rule for all commands (``train``, ``eval``, ``export``, ``push``, ``convert``, ``demo``):
+One rule for all commands (``train``, ``eval``, ``certify``, ``export``, ``push``, ``convert``, ``demo``):
 
 * ``0``: done.
 * ``1``: a failure while running: a check failed (``eval --strict``), an upload or a file
@@ -10,7 +10,10 @@ One rule for all commands (``train``, ``eval``, ``export``, ``push``, ``convert`
   invalid input the user gave (unknown model, a checkpoint that does not fit or is a
   pickle without ``--allow-pickle``, an unknown recipe key, a dataset not found, an output
   folder that is not empty).
-* ``130``: interrupted (``eval`` resumes AutoAttack when rerun).
+* ``75``: stopped unfinished on purpose, its progress saved: ``certify --time-budget-min``
+  reached a chunk boundary with points left (rerun the same command to continue; 75 is
+  ``EX_TEMPFAIL`` of ``sysexits.h``, "try again later").
+* ``130``: interrupted (``eval`` resumes AutoAttack and ``certify`` its finished chunks when rerun).
 
 Errors are one line on stderr, ``timm-edl <command>: error: <message>``, written by
 :func:`fail`; :func:`run` calls a command's body and maps its exceptions to the status:
@@ -20,10 +23,10 @@ Errors are one line on stderr, ``timm-edl <command>: error: <message>``, written
 import sys
 from typing import Callable, Optional, Tuple, Type
 
-__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'EXIT_INTERRUPTED', 'UsageError', 'CommandFailed',
+__all__ = ['EXIT_OK', 'EXIT_FAILED', 'EXIT_USAGE', 'EXIT_INCOMPLETE', 'EXIT_INTERRUPTED', 'UsageError', 'CommandFailed',
            'usage_errors', 'fail', 'run']
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 75, 130
 
 
 class UsageError(ValueError):

@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
                     '(a zoo model), or an export to re-export (e.g. to add evaluation results).')
     add_model_options(p)
     p.add_argument('--eval-results', nargs='*', metavar='JSON', help="evaluation entry point's JSON output(s)")
+    p.add_argument('--certify-results', nargs='*', metavar='JSON',
+                   help="`timm-edl certify`'s JSON output(s): a certified-robustness section and metrics in the card")
     p.add_argument('--compare-results', nargs='*', metavar='LABEL=JSON', default=[],
                    help="another model's evaluation JSON on the same points, for the card's comparison table, "
                         "e.g. 'conv twin=runs/twin/eval.json' (repeat the label for several JSONs)")
@@ -65,7 +67,8 @@ def _export(args: argparse.Namespace) -> int:
                  label_names=parse_label_names(args.label_names), license=args.license,
                  datasets=args.datasets, overwrite=args.overwrite, model_name=args.model_name,
                  data_config=dict(input_size=tuple(args.input_size)) if args.input_size else None,
-                 card_dir=args.card_dir, compare_results=compare or None, card_notes=notes)
+                 card_dir=args.card_dir, compare_results=compare or None, card_notes=notes,
+                 certify_results=args.certify_results or None)
     print(f"wrote {out}")
     for rel, size in folder_files(out):
         print(f"  {rel}  {size:,} bytes")

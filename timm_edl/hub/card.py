@@ -9,7 +9,9 @@ import torch.nn as nn
 
 from ..convert import PRESERVE_FUNCTION, edl_layer_config
 from ..layers import edl_layers
-from ..results import attack_label, corruption_scope, data_label, eps_text, eval_results, pct, pct_text
+from ..results import (
+    attack_label, certified_eval_results, corruption_scope, data_label, eps_text, eval_results, pct, pct_text,
+)
 from ..stats import mcnemar_exact, paired_counts, unpack_correct
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / '_cards' / 'model_card.md.tmpl'  # hub_cards/ links to it
@@ -24,13 +26,15 @@ def float32_list(t: torch.Tensor) -> List[float]:
 
 
 def metadata_yaml(model_name: str, license: str, datasets: List[str], results: List[Dict[str, Any]],
-                  extra_tags: Sequence[str]) -> str:
-    """The card's YAML header: tags, license, datasets and the ``model-index`` of ``results``."""
+                  extra_tags: Sequence[str], certified: Sequence[Dict[str, Any]] = ()) -> str:
+    """The card's YAML header: tags, license, datasets and the ``model-index`` of ``results``
+    and of the ``certified`` entries (:func:`timm_edl.results.read_certified_results`)."""
     from huggingface_hub import ModelCardData
     tags = list(_TAGS) + [t for t in extra_tags if t not in _TAGS]
+    metrics = eval_results(results) + certified_eval_results(certified)
     data = ModelCardData(library_name='timm', pipeline_tag='image-classification', license=license, tags=tags,
-                         datasets=list(datasets) or None, model_name=model_name if results else None,
-                         eval_results=eval_results(results) or None)
+                         datasets=list(datasets) or None, model_name=model_name if metrics else None,
+                         eval_results=metrics or None)
     return data.to_yaml()
 
 
@@ -122,6 +126,27 @@ def checks_markdown(results: List[Dict[str, Any]]) -> str:
         parts.append(f"Gradient-masking checks of `timm-edl eval` ({data_label(r)}, first {r['n_ex']} test points). "
                      f"{verdict}" + ('\n\n' + '\n'.join(rows) if ran else ''))
     return ''.join(f"\n\n{p}" for p in parts)
+
+
+def certified_markdown(certified: Sequence[Dict[str, Any]]) -> str:
+    """The "Certified robustness (randomized smoothing)" section ('' without certifications)."""
+    parts = []
+    for r in certified:
+        rows = ['| L2 radius | ' + ' | '.join(f"{row['radius']:g}" for row in r['certified_accuracy']) + ' |',
+                '|---|' + '---:|' * len(r['certified_accuracy']),
+                '| Certified accuracy | ' + ' | '.join(pct_text(row['accuracy']) for row in r['certified_accuracy'])
+                + ' |']
+        base = f" Base classifier without noise: {pct_text(r['base_clean_acc'])}." if 'base_clean_acc' in r else ''
+        parts.append(
+            f"{data_label(r)} ({r['split']}), first {r['n_ex']} test points; Gaussian noise sigma = {r['sigma']:g} "
+            f"on [0, 1] pixels, n0 = {r['n0']}, n = {r['n']:,}, alpha = {r['alpha']:g} (Cohen, Rosenfeld & "
+            f"Kolter, ICML 2019, CERTIFY, written by `timm-edl certify`). Certified accuracy at radius r: the "
+            f"fraction of the points that the smoothed classifier predicts correctly with a certified L2 radius of "
+            f"at least r; abstentions count as errors.\n\n" + '\n'.join(rows)
+            + f"\n\nAbstained on {pct_text(r['abstention_rate'])} of the points.{base}")
+    if not parts:
+        return ''
+    return "\n\n### Certified robustness (randomized smoothing)\n\n" + '\n\n'.join(parts)
 
 
 def _same_points(a: Dict[str, Any], b: Dict[str, Any]) -> bool:

@@ -25,7 +25,7 @@ from ..convert import edl_layer_config
 from ..layers import edl_layers
 from ..models.converted import CONVERTED_ARCH, converted_model_args
 from ..models.edlnet import PAPER_ID, EDLResNet
-from ..results import read_eval_results
+from ..results import read_certified_results, read_eval_results
 from ..weights import (
     CONFIG_NAME, HUB_NAMESPACE, PICKLE_SUFFIXES, WEIGHTS_NAME, CorruptCheckpointError, UnsafeCheckpointError,
     check_safetensors_file, check_state_dict, file_sha256, state_dict_digest,
@@ -236,6 +236,7 @@ def export(
         card_template: Union[None, str, Path] = None,
         compare_results: Optional[Dict[str, Any]] = None,
         card_notes: Optional[str] = None,
+        certify_results: Union[None, str, Path, Dict[str, Any], Sequence[Any]] = None,
 ) -> Path:
     """Write a Hub-ready folder for ``model``: ``model.safetensors``, ``config.json``, ``README.md``.
 
@@ -268,6 +269,9 @@ def export(
             (e.g. the conv twin): a comparison table in the card; each must match the points,
             threat model and eps of one of ``eval_results``.
         card_notes: Markdown appended to the card's evaluation (e.g. a ``## Training`` section).
+        certify_results: ``timm-edl certify`` JSON(s) (path, dict or list): a "Certified
+            robustness (randomized smoothing)" section and certified-accuracy metrics in the
+            ``model-index``; their ``weights_digest`` must match the model.
 
     The export is checked before anything is written: ``timm.create_model(architecture,
     **model_args)`` must rebuild a network with the same
@@ -289,8 +293,9 @@ def export(
         extra_args = {**converted_args, **extra_args}
     results = read_eval_results(eval_results)
     compare = {label: read_eval_results(r) for label, r in (compare_results or {}).items()}
+    certified = read_certified_results(certify_results)
     digest = state_dict_digest(model)
-    for r in results:
+    for r in results + certified:
         if r.get('architecture') and timm.is_model(r['architecture']) and r['architecture'] not in (arch, config_arch):
             raise ExportError(f"the evaluation results are for {r['architecture']!r}, the model is {arch!r}")
         if r.get('weights_digest') and r['weights_digest'] != digest:
@@ -328,7 +333,7 @@ def export(
 
     if datasets is None:
         datasets = []
-        for r in results:
+        for r in results + certified:
             ds = HUB_DATASET_IDS.get(r['dataset'], r['dataset'])
             if ds not in datasets:
                 datasets.append(ds)
@@ -336,10 +341,10 @@ def export(
     num_params = sum(p.numel() for p in model.parameters())
     input_size = tuple(config['pretrained_cfg'].get('input_size', (3, 224, 224)))
     fields = dict(
-        metadata=C.metadata_yaml(model_name, license, list(datasets), results, tags),
+        metadata=C.metadata_yaml(model_name, license, list(datasets), results, tags, certified),
         model_name=model_name, repo_id=repo_id, summary=summary, paper_id=PAPER_ID,
         evaluation=C.evaluation_markdown(results), checks=C.checks_markdown(results),
-        comparison=C.comparison_markdown(results, compare),
+        comparison=C.comparison_markdown(results, compare) + C.certified_markdown(certified),
         notes=f"\n\n{card_notes.strip()}" if card_notes and card_notes.strip() else '',
         details=C.details_markdown(model, arch, kind, num_params, input_size, label_names, datasets),
         edl_details=edl_text, usage=C.usage_markdown(repo_id, kind), license=license,
@@ -358,6 +363,8 @@ def export(
         timm_edl_version=version(), timm_version=timm.__version__, torch_version=torch.__version__,
         weights_sha256=file_sha256(tmp_weights), weights_digest=digest, evaluation=results,
     )
+    if certified:
+        config['timm_edl']['certified_robustness'] = certified
     _write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + '\n')
     _write_text(out_dir / CARD_NAME, card)
     os.replace(tmp_weights, out_dir / WEIGHTS_NAME)
