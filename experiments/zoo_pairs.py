@@ -164,19 +164,27 @@ def _run(argv: list[str], log: Path, deadline: float | None) -> int:
             raise
 
 
+def _arg(path: Path) -> str:
+    """A path as a command line gives it: relative to the checkout when inside it (commands run there)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def train_argv(pair: Pair, arm: str, root: Path | None, minutes_left: float | None) -> list[str]:
-    out = train_dir(pair, arm, root)
+    out = _arg(train_dir(pair, arm, root))
     budget = ['--time-budget-min', f'{max(minutes_left, 1.0):.1f}'] if minutes_left is not None else []
-    if (out / 'config.yaml').is_file():
-        return ['train', '--resume', '--output', str(out), '--progress', 'never', *budget]
+    if (train_dir(pair, arm, root) / 'config.yaml').is_file():
+        return ['train', '--resume', '--output', out, '--progress', 'never', *budget]
     model = ['--model', pair.archs[arm]] if arm != 'edl' else []
-    return ['train', '--config', pair.recipe, *model, '--output', str(out), '--progress', 'never', *budget]
+    return ['train', '--config', pair.recipe, *model, '--output', out, '--progress', 'never', *budget]
 
 
 def step_argv(pair: Pair, arm: str, step: Step, model_dir: Path, root: Path | None) -> list[str]:
     extra = step.edl_args if arm == 'edl' else ()
-    return [step.command, '--model', f'local-dir:{model_dir}', *step.args, *extra, *EVAL_COMMON,
-            '--out', str(eval_dir(pair, arm, step, root))]
+    return [step.command, '--model', f'local-dir:{_arg(model_dir)}', *step.args, *extra, *EVAL_COMMON,
+            '--out', _arg(eval_dir(pair, arm, step, root))]
 
 
 def model_folder(pair: Pair, arm: str, root: Path | None, zoo_dir: Path, work: Path) -> Path:

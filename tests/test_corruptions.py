@@ -331,3 +331,29 @@ def test_export_puts_a_corruption_result_into_the_card(built, tmp_path):
     metric, = [m for g in header['model-index'][0]['results'] for m in g['metrics']]
     assert metric['type'] == 'corruption-accuracy' and metric['value'] == pytest.approx(100 * report['corruptions_acc'],
                                                                                         abs=0.006)
+
+
+def test_card_compares_corruption_results_with_a_pooled_mcnemar_test(built, tmp_path):
+    """Two models on the same corrupted points: the card's comparison row carries McNemar's exact
+    p-value over every (point, corruption, severity) outcome, checked against scipy's binomial test."""
+    from scipy.stats import binomtest
+    corrupted = read_layout(built['folder'], SUBSET, 8, HWC, label='CIFAR-10-C')
+    torch.manual_seed(0)
+    model = timm.create_model('edlnet_resnet18', **TINY).eval()
+    reports, files = [], []
+    for i, m in enumerate((model, PixelSumModel())):
+        report = evaluate_corruptions(m, corrupted, corruptions=SUBSET, severities=SEVERITIES, dataset='cifar10',
+                                      progress=False, log=lambda msg: None)
+        reports.append(report)
+        files.append(write_corruption_outputs(report, tmp_path / f'eval{i}', 'r')['json'])
+    a, b = ([bit for k in sorted(r['per_point']) if k != 'clean' for bit in unpack_correct(r['per_point'][k], 8)]
+            for r in reports)
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    assert len(a) == 8 * len(SUBSET) * len(SEVERITIES) and only_a + only_b > 0
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue
+    folder = hub.export(model, tmp_path / 'export', eval_results=files[0], model_name='edlnet_resnet18.c',
+                        compare_results={'pixel sum': [files[1]]})
+    card = (folder / 'README.md').read_text()
+    assert f"| pixel sum | CIFAR-10-C | 8 | {100 * reports[1]['corruptions_acc']:.2f} % | {p:.3g} |" in card
+    assert 'AutoAttack accuracy | PGD accuracy' not in card  # no adversarial result: no adversarial comparison

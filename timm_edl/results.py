@@ -150,22 +150,28 @@ def normalize_result(entry: Dict[str, Any], where: str = 'evaluation results') -
         if not isinstance(checks, list) or not all(isinstance(c, dict) and c.get('name') for c in checks):
             raise ValueError(f"{where}: checks must be a list of {{'name', 'status', 'summary'}} objects")
         out['checks'] = [{k: str(c.get(k) or '') for k in ('name', 'status', 'summary')} for c in checks]
-    per_point = entry.get('per_point')
-    if per_point:
-        if not isinstance(per_point, dict) or not all(isinstance(v, str) for v in per_point.values()):
-            raise ValueError(f"{where}: per_point must map attack names to packed per-point results (hex strings)")
-        for key, text in per_point.items():
-            try:
-                unpack_correct(text, out['n_ex'])
-            except ValueError as e:
-                raise ValueError(f"{where}: per_point[{key!r}]: {e}") from None
-        out['per_point'] = {str(k): v for k, v in per_point.items()}
+    _keep_per_point(entry, out, where)
     failed = entry.get('failed_checks') or []
     if entry.get('unreliable') or failed:
         out['unreliable'] = True
         if failed:
             out['failed_checks'] = [str(c) for c in failed]
     return out
+
+
+def _keep_per_point(entry: Dict[str, Any], out: Dict[str, Any], where: str) -> None:
+    """``out['per_point']``: the entry's packed per-point results, each checked against ``n_ex``."""
+    per_point = entry.get('per_point')
+    if not per_point:
+        return
+    if not isinstance(per_point, dict) or not all(isinstance(v, str) for v in per_point.values()):
+        raise ValueError(f"{where}: per_point must map attack names to packed per-point results (hex strings)")
+    for key, text in per_point.items():
+        try:
+            unpack_correct(text, out['n_ex'])
+        except ValueError as e:
+            raise ValueError(f"{where}: per_point[{key!r}]: {e}") from None
+    out['per_point'] = {str(k): v for k, v in per_point.items()}
 
 
 def _points(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
@@ -193,6 +199,7 @@ def _normalize_corruptions(entry: Dict[str, Any], where: str) -> Dict[str, Any]:
         out['corruptions'] = [str(c) for c in entry['corruptions']]
     if entry.get('severities'):
         out['severities'] = [int(s) for s in entry['severities']]
+    _keep_per_point(entry, out, where)
     table = entry.get('corruption_accuracy')
     if table:
         out['corruption_accuracy'] = {str(c): {str(s): _fraction(row, s, f"{where}: corruption_accuracy[{c}]")

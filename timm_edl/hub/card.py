@@ -151,7 +151,12 @@ def certified_markdown(certified: Sequence[Dict[str, Any]]) -> str:
 
 def _same_points(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     keys = ('dataset', 'split', 'n_ex', 'threat_model')
-    return all(a.get(k) == b.get(k) for k in keys) and abs(a.get('eps', 0.0) - b.get('eps', 0.0)) < 1e-9
+    if not all(a.get(k) == b.get(k) for k in keys):
+        return False
+    if a.get('threat_model') == 'corruptions':  # the same corruptions and severities of the same points
+        return (a.get('corruption_label'), a.get('corruptions'), a.get('severities')) == \
+            (b.get('corruption_label'), b.get('corruptions'), b.get('severities'))
+    return abs((a.get('eps') or 0.0) - (b.get('eps') or 0.0)) < 1e-9
 
 
 #: the metrics of the comparison table: (name, accuracy field, per_point key)
@@ -194,10 +199,13 @@ def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[D
     rows = ['| Model | Dataset (split) | Test points | Clean accuracy | AutoAttack accuracy | PGD accuracy '
             f'| McNemar p ({names}) |', '|---|---|---|---|---|---|---|']
     reasons: List[str] = []
+    corrupted = [r for r in results if r.get('threat_model') == 'corruptions']
+    results = [r for r in results if r.get('threat_model') != 'corruptions']
+    compare_adv = {k: [o for o in v if o.get('threat_model') != 'corruptions'] for k, v in compare.items()}
     for r in results:
         rows.append(f"| this model | {data_label(r)} ({r['split']}) | {r['n_ex']} | {pct_text(r.get('clean_acc'))} "
                     f"| {pct_text(r.get('autoattack_acc'))} | {pct_text(r.get('pgd_acc'))} | |")
-        for label, others in compare.items():
+        for label, others in compare_adv.items():
             for o in others:
                 if _same_points(r, o):
                     flag = f" (**failed check: {', '.join(o.get('failed_checks') or ['unreliable'])}**)" \
@@ -209,7 +217,7 @@ def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[D
                                 f"| {pct_text(o.get('pgd_acc'))} | {_p_text(p_values)} |")
     for label, others in compare.items():
         for o in others:
-            if not any(_same_points(r, o) for r in results):
+            if not any(_same_points(r, o) for r in results + corrupted):
                 raise ValueError(f"the comparison results of {label!r} ({data_label(o)}, {o['n_ex']} points) match no "
                                  f"evaluation of this model: compare on the same points")
     note = ("McNemar p: the two-sided exact McNemar test of this model against that row's model on the same "
@@ -218,8 +226,39 @@ def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[D
             "alone hardly explains the difference between the two accuracies on these points.")
     if reasons:
         note += f" '-': {'; '.join(reasons)}."
-    return ("\n\nOn the same test points, with the same attacks (each model's own evaluation JSON):\n\n"
-            + '\n'.join(rows) + '\n\n' + note)
+    table = ("\n\nOn the same test points, with the same attacks (each model's own evaluation JSON):\n\n"
+             + '\n'.join(rows) + '\n\n' + note) if results else ''
+    return table + corruption_comparison(corrupted, compare)
+
+
+def _pooled(r: Dict[str, Any]) -> Optional[List[bool]]:
+    """Every (point, corruption, severity) outcome of a corruption result, in one fixed order."""
+    per_point = r.get('per_point') or {}
+    keys = sorted(k for k in per_point if k != 'clean')
+    if not keys:
+        return None
+    return [bit for k in keys for bit in unpack_correct(per_point[k], r['n_ex'])]
+
+
+def corruption_comparison(corrupted: List[Dict[str, Any]], compare: Dict[str, List[Dict[str, Any]]]) -> str:
+    """The compared models' corruption accuracy on the same corrupted points, with McNemar's
+    exact test on all (point, corruption, severity) outcomes pooled ('' without any)."""
+    rows = ['| Model | Corrupted set | Test points | Corruption accuracy | McNemar p (pooled) |',
+            '|---|---|---|---|---|']
+    for r in corrupted:
+        rows.append(f"| this model | {r.get('corruption_label') or data_label(r)} | {r['n_ex']} "
+                    f"| {pct_text(r['corruptions_acc'])} | |")
+        for label, others in compare.items():
+            for o in (o for o in others if _same_points(r, o)):
+                a, b = _pooled(r), _pooled(o)
+                p = '-' if a is None or b is None or len(a) != len(b) else f"{mcnemar_exact(*paired_counts(a, b)):.3g}"
+                rows.append(f"| {label} | {o.get('corruption_label') or data_label(o)} | {o['n_ex']} "
+                            f"| {pct_text(o['corruptions_acc'])} | {p} |")
+    if len(rows) == 2 + len(corrupted):
+        return ''
+    return ("\n\nCommon corruptions, same points and corruptions. The pooled test treats the corrupted copies "
+            "of one image as separate outcomes, which they are not quite: read its p-value as a screen.\n\n"
+            + '\n'.join(rows))
 
 
 def _range_text(values: List[float]) -> str:
