@@ -58,12 +58,19 @@ results: $(BIN)/.installed data
 decision: $(BIN)/.installed data
 	$(BIN)/python experiments/elastic_decision.py --jobs 2
 
-# The zoo (about 75 min on 2 cores, resumable): trains, evaluates, exports and ships every
-# pretrained EDLNet of the package (timm_edl/_zoo/), its card (hub_cards/) and docs/zoo.md + the README's
-# zoo table; one cached JSON + final folder per job in experiments/cache/zoo/cpu/, a shipped model's
-# weights stored once, in timm_edl/_zoo/ (experiments/zoo.py).
+# The zoo (resumable; rerun until everything is shipped): trains, evaluates, exports and ships every
+# pretrained model of the package (timm_edl/_zoo/), its card (hub_cards/) and docs/zoo.md + the README's
+# zoo table. experiments/zoo.py: the edlnet_resnet8_in models (about 75 min on 2 cores; one cached JSON
+# + final folder per job in experiments/cache/zoo/cpu/). experiments/zoo_pairs.py: the EDLNet / conv-twin
+# pairs (edlnet_resnet20 fast AT, many CPU hours with AutoAttack; edlnet_resnet8_in smoothing, about
+# 2 h), each step writing into its committed folder in experiments/cache/zoo/cpu/<pair>/ and stopping at
+# ZOO_BUDGET_MIN minutes; experiments/zoo_ship.py ships the finished pairs. A shipped model's weights
+# are stored once, in timm_edl/_zoo/.
+ZOO_BUDGET_MIN ?= 170
 zoo: $(BIN)/.installed data
 	$(BIN)/python experiments/zoo.py --jobs 2
+	$(BIN)/python experiments/zoo_pairs.py --jobs 2 --budget-min $(ZOO_BUDGET_MIN)
+	$(BIN)/python experiments/zoo_ship.py
 
 # timm's own tests/test_models.py (from the installed timm's sdist, fetched from the package registry)
 # on every edlnet_* architecture; summary in experiments/cache/timm_model_tests/ (experiments/timm_model_tests.py).

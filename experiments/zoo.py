@@ -7,7 +7,9 @@ commands (``timm_edl.train`` on the recipe, ``timm-edl eval``):
 * ``conv``: its conv twin (``edl_layers: none``), same recipe, same seed.
 
 Every model gets two evaluations: clean + PGD-20 on the whole test set, and AutoAttack
-standard + PGD-20 + noise + every gradient-masking check on the first 1,000 test points.
+standard + PGD-20 + noise + every gradient-masking check on the first 1,000 test points; then,
+once, common corruptions (generated, ``timm-edl eval --threat-model corruptions``) on the first
+1,000 test points, kept in ``<arm>_corruptions/`` beside the job's JSON.
 A finished job is one JSON in ``experiments/cache/zoo/<size>/<dataset>/<arm>.json`` (spec, training
 curve, both evaluation reports, wall time, commit, machine) plus its final weights folder
 ``<arm>_final/`` (config.json and model.safetensors); the cache is committed, so any later run
@@ -251,6 +253,40 @@ within 1 point.)
   scale an EDLNet with beta = 1 is not expected to beat it (see `docs/results.md`)."""
 
 
+CORRUPTION_N = {'cpu': 1000}  # common corruptions (generated) on the first n test points; other sizes: none
+
+
+def corruption_dir(cache: Path) -> Path:
+    """Where the corruption evaluation of a cached job lives (beside its JSON, not in its spec)."""
+    return cache.with_name(cache.stem + '_corruptions')
+
+
+def corruption_json(cache: Path) -> Path | None:
+    found = sorted(corruption_dir(cache).glob('*.json'))
+    return found[0] if found else None
+
+
+def evaluate_corruptions(size: Size, jobs, run_dir: Path, zoo_dir: Path, log) -> None:
+    """``timm-edl eval --threat-model corruptions`` of every cached job's final weights (once; the
+    JSON is kept in ``<arm>_corruptions/`` beside the job's cache)."""
+    from timm_edl.cli.eval import main as eval_main
+    n = CORRUPTION_N.get(size.name)
+    if n is None:
+        return
+    for key, _, cache, spec in jobs:
+        final = cache.with_name(cache.stem + '_final')
+        if corruption_json(cache) is not None or read_cached(cache, spec) is None:
+            continue
+        model = final_folder(final, zoo_dir / f"{model_name(spec['dataset'])}.safetensors",
+                             run_dir / 'corruptions' / key / 'final')
+        log(f"{key}: common corruptions (generated) on the first {n} test points")
+        argv = ['--model', f'local-dir:{model}', '--dataset', spec['dataset'], '--threat-model', 'corruptions',
+                '--n-ex', str(n), '--batch-size', '500', '--seed', '0', '--device', 'cpu', '--no-progress',
+                '--out', str(corruption_dir(cache))]
+        if eval_main(argv) != 0:
+            raise RuntimeError(f"timm-edl eval {shlex.join(argv)} failed")
+
+
 def _write_eval_jsons(folder: Path, data: dict[str, Any]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -281,6 +317,9 @@ def ship(ds: str, jobs, args, run_dir: Path, zoo_dir: Path, log) -> dict[str, An
     source = final_folder(edl['final'], target, work / 'final')
     edl_jsons = _write_eval_jsons(work / 'edl', edl)
     conv_jsons = _write_eval_jsons(work / 'conv', conv)
+    for arm, paths in (('edl', edl_jsons), ('conv', conv_jsons)):
+        found = corruption_json(cached[arm]['final'].with_name(f'{arm}.json'))
+        paths += [found] if found is not None else []
     notes = work / 'card_notes.md'
     notes.write_text(card_notes(ds, edl, conv))
     out = work / 'export'
@@ -440,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
 
     jobs = plan(size, cache_dir, run_dir)
     failed = 0 if args.ship_only else ed.run_jobs(jobs, args.jobs, log, worker=run_job)
+    if not args.ship_only:
+        single_thread()
+        evaluate_corruptions(size, jobs, run_dir, args.zoo_dir or REPO / 'timm_edl' / '_zoo', log)
     shipped = ship_all(size, jobs, args, log)
     log(f"{failed} job(s) failed; shipped: {', '.join(shipped) or 'none'}")
     return 1 if failed else 0

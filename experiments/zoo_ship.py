@@ -46,7 +46,8 @@ def training_summary(folder: Path) -> dict[str, Any]:
         rows = list(csv.DictReader(f))
     best = json.loads((folder / 'best' / 'config.json').read_text())['timm_edl'].get('evaluation') or [{}]
     return {'epochs': len(rows), 'train_seconds': sum(float(r['train_epoch_time']) for r in rows),
-            'rows': rows, 'best': best[0]}
+            'rows': rows, 'best': best[0], 'folder': folder}
+
 
 
 # ----------------------------------------------------------------------------- paired statistics
@@ -121,28 +122,42 @@ def verdict(row: dict[str, Any], level: float = 0.05) -> str:
 
 # ----------------------------------------------------------------------------- export and ship
 
-def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tuple[Path, dict]]) -> str:
+def _scope(pair: Pair) -> str:
+    if pair.dataset == 'cifar10-jpeg':
+        return (f"{pair.label}, not CIFAR-10: every CIFAR-10 image re-encoded as JPEG (lossy); its numbers are not "
+                "comparable with CIFAR-10 leaderboards.")
+    return f"{pair.label}, not CIFAR-10: its numbers are not comparable with CIFAR-10 leaderboards."
+
+
+def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tuple[Path, dict]],
+               rows: list[dict[str, Any]]) -> str:
+    import yaml
+    cfg = yaml.safe_load((train['folder'] / 'config.yaml').read_text())
     best = train['best']
+    picked = {'noisy': 'accuracy under one seeded draw of the training noise',
+              'robust': f"PGD-{cfg.get('val_attack_steps')} accuracy"}.get(cfg.get('val_select') or 'robust', 'accuracy')
     lines = ["## How it was trained", '',
              f"- Command: `timm-edl train --config {pair.recipe}"
              + (f" --model {pair.archs[arm]}`" if arm != 'edl' else '`')
              + f" ({pair.about}); run by `make zoo` (`experiments/zoo_pairs.py`), resumed across several runs.",
              f"- {train['epochs']} epochs, {train['train_seconds'] / 3600:.1f} h of training steps (sum of the epoch "
              f"times) on {machine_info().get('cpu', 'a CPU')}, one thread, no GPU.",
-             f"- The weights are the epoch with the best hold-out accuracy (1,000 training images never trained on): "
-             f"clean {100 * best.get('clean_acc', float('nan')):.1f} %"
-             + (f", PGD-{best['pgd_steps']} {100 * best['pgd_acc']:.1f} %" if best.get('pgd_acc') is not None else '')
-             + ". The test set selected nothing.", '']
+             f"- The weights are the epoch with the best {picked} on a hold-out of {cfg.get('val_n_ex'):,} training "
+             f"images never trained on (there: clean {100 * best.get('clean_acc', float('nan')):.1f} %). The test set "
+             "selected nothing.", '']
+    if rows:
+        lines += ['## Paired comparison with its twin', '',
+                  f"EDLNet `{pair.name('edl')}` vs conv twin `{pair.name('conv')}` (same recipe and seed) on the same "
+                  "test points; McNemar's exact test on the points where exactly one of them is right.", '',
+                  paired_table(rows), '']
     if 'aa' in evals:
         report = evals['aa'][1]
         clean, pgd = _bits(report, 'clean')[:1000], _bits(report, 'pgd')[:200]
         lines += ['## Check it yourself', '',
                   f"- Clean accuracy on the first 1,000 test points: {100 * sum(clean) / len(clean):.2f} %",
                   f"- PGD-20 accuracy on the first 200 test points: {100 * sum(pgd) / len(pgd):.2f} %", '',
-                  f"(`tests/test_zoo.py` reproduces both: the clean accuracy exactly, PGD-20 within 1 point.)", '']
-    lines += ['## What it is not', '',
-              f"- {pair.label}, not CIFAR-10: every CIFAR-10 image re-encoded as JPEG (lossy); its numbers are not "
-              "comparable with CIFAR-10 leaderboards.",
+                  "(`tests/test_zoo.py` reproduces both: the clean accuracy exactly, PGD-20 within 1 point.)", '']
+    lines += ['## What it is not', '', f"- {_scope(pair)}",
               "- A small model trained on two CPU cores, not a paper-scale EDLNet."]
     return '\n'.join(lines)
 
@@ -158,9 +173,14 @@ def ship_arm(pair: Pair, arm: str, args, log) -> dict[str, Any]:
     evals, others = reports(pair, arm, root), reports(pair, OTHER[arm], root)
     train = training_summary(train_dir(pair, arm, root))
     notes = work / 'card_notes.md'
-    notes.write_text(card_notes(pair, arm, train, evals))
-    argv = ['--model', f'local-dir:{source}', '--eval-results', *[str(p) for p, _ in evals.values()],
-            '--compare-results', *[f"{_label(pair, OTHER[arm])}={p}" for p, _ in others.values()],
+    work.mkdir(parents=True, exist_ok=True)
+    edl_conv = (evals, others) if arm == 'edl' else (others, evals)
+    notes.write_text(card_notes(pair, arm, train, evals, paired_rows(*edl_conv)))
+    certify = {s.name for s in pair.steps if s.command == 'certify'}
+    argv = ['--model', f'local-dir:{source}',
+            '--eval-results', *[str(p) for k, (p, _) in evals.items() if k not in certify],
+            '--compare-results', *[f"{_label(pair, OTHER[arm])}={p}" for k, (p, _) in others.items() if k not in certify],
+            *(['--certify-results', *[str(evals[k][0]) for k in certify]] if certify else []),
             '--card-notes', str(notes), '--model-name', name, '--out', str(work / 'export'), '--overwrite',
             '--card-dir', str(args.card_dir)]
     if export_main(argv) != 0:

@@ -1,0 +1,98 @@
+"""``experiments/zoo_pairs.py`` + ``zoo_ship.py`` at toy size on the bundled Fashion-MNIST-small:
+an EDLNet and its registered conv twin trained (Gaussian-noise training), evaluated (clean,
+certified) and shipped from their folders; a rerun does nothing more; the shipped weights are
+kept once (the package copy) and shipping again from it writes the same cards."""
+import json
+import sys
+from pathlib import Path
+
+import safetensors.torch
+
+from timm_edl.weights import file_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'experiments'))
+
+import zoo_pairs  # noqa: E402
+import zoo_ship  # noqa: E402
+
+RECIPE = """
+model: edlnet_resnet8_in
+model_kwargs: {input_mean: [0.5], input_std: [0.5], edl_cfg: {beta: 1.0, beta_learnable: false}}
+dataset: fashion-mnist-small
+train_n_ex: 192
+batch_size: 64
+num_workers: 0
+augment: false
+objective: natural
+sigma: 0.25
+epochs: 2
+opt: sgd
+lr: 0.05
+sched: cosine
+val_every: 1
+val_split: holdout
+val_n_ex: 64
+val_select: noisy
+val_attack_steps: 1
+val_batch_size: 64
+seed: 0
+save_every_steps: 2
+"""
+
+
+def _pair(recipe: Path) -> zoo_pairs.Pair:
+    data = ('--dataset', 'fashion-mnist-small')
+    return zoo_pairs.Pair(
+        'toy-smoothing', 'fashion-mnist-small', 'Fashion-MNIST-small', 'toy_smooth',
+        {'edl': 'edlnet_resnet8_in', 'conv': 'edlnet_resnet8_in_conv'}, str(recipe),
+        (zoo_pairs.Step('full', 'eval', data + ('--attacks', 'clean', '--no-checks', '--n-ex', '32',
+                                                '--batch-size', '32', '--threat-model', 'Linf', '--eps', '0.1')),
+         zoo_pairs.Step('certify', 'certify', data + ('--sigma', '0.25', '--n0', '16', '--n', '64', '--n-ex', '4',
+                                                      '--chunk-size', '2', '--batch-size', '64'))),
+        'toy Gaussian-noise training')
+
+
+def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path):
+    recipe = tmp_path / 'toy.yaml'
+    recipe.write_text(RECIPE)
+    pair = _pair(recipe)
+    args = zoo_pairs.build_parser().parse_args([
+        '--cache-root', str(tmp_path / 'cache'), '--run-dir', str(tmp_path / 'runs'), '--zoo-dir', str(tmp_path / 'pkg'),
+        '--card-dir', str(tmp_path / 'cards'), '--out-md', str(tmp_path / 'docs' / 'zoo.md'),
+        '--readme', str(tmp_path / 'README.md')])
+    messages = []
+    for arm in zoo_pairs.ARMS:
+        assert zoo_pairs.work_arm(pair, arm, args, None, messages.append), messages
+    state = zoo_pairs.status(pair, args.cache_root)
+    assert all(all(v.values()) for v in state.values()), state
+    twin = json.loads((zoo_pairs.train_dir(pair, 'conv', args.cache_root) / 'best' / 'config.json').read_text())
+    assert twin['architecture'] == 'edlnet_resnet8_in_conv'
+
+    # a rerun finds every step done and runs nothing
+    logs = zoo_pairs.cache_dir(pair, args.cache_root) / 'logs'
+    before = {p.name: p.read_text() for p in logs.iterdir()}
+    assert zoo_pairs.work_arm(pair, 'edl', args, None, messages.append)
+    assert {p.name: p.read_text() for p in logs.iterdir()} == before
+
+    best = zoo_pairs.train_dir(pair, 'edl', args.cache_root) / 'best' / 'model.safetensors'
+    trained = safetensors.torch.load_file(str(best))
+    assert zoo_ship.ship_pairs([pair], args, messages.append) == ['edlnet_resnet8_in.toy_smooth',
+                                                                  'edlnet_resnet8_in_conv.toy_smooth']
+    manifest = json.loads((tmp_path / 'pkg' / 'manifest.json').read_text())
+    for name, entry in manifest.items():
+        assert entry['sha256'] == file_sha256(tmp_path / 'pkg' / entry['file'])
+    shipped = safetensors.torch.load_file(str(tmp_path / 'pkg' / 'edlnet_resnet8_in.toy_smooth.safetensors'))
+    assert all((trained[k] == shipped[k]).all() for k in trained)
+    assert not best.exists()  # stored once: the package copy
+
+    card = (tmp_path / 'cards' / 'edlnet_resnet8_in.toy_smooth.md').read_text()
+    assert 'Certified robustness (randomized smoothing)' in card
+    assert 'conv twin (edlnet_resnet8_in_conv, same recipe and seed)' in card
+    assert '## Paired comparison with its twin' in card and 'Certified, L2 radius 0.25 (4 points)' in card
+    section = (tmp_path / 'docs' / 'results.md').read_text()
+    assert 'Certified, L2 radius 0.25 (4 points)' in section and 'McNemar' in section
+
+    # shipping again reads the package copy (checked by its sha256) and writes the same card
+    assert zoo_ship.ship_pairs([pair], args, messages.append)
+    assert (tmp_path / 'cards' / 'edlnet_resnet8_in.toy_smooth.md').read_text() == card
