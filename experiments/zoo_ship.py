@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from _jobs import git_commit, machine_info
+from _paired import bits, paired_rows, paired_table, verdict
 from _sections import write_section
 from zoo import drop_cached_weights, final_folder
 from zoo_pairs import ARMS, PAIRS, Pair, build_parser, eval_dir, status, step_json, train_dir
@@ -48,76 +49,6 @@ def training_summary(folder: Path) -> dict[str, Any]:
     return {'epochs': len(rows), 'train_seconds': sum(float(r['train_epoch_time']) for r in rows),
             'rows': rows, 'best': best[0], 'folder': folder}
 
-
-
-# ----------------------------------------------------------------------------- paired statistics
-
-def _bits(report: dict[str, Any], key: str) -> list[bool] | None:
-    from timm_edl.evaluation.core import unpack_correct
-    packed = (report.get('per_point') or {}).get(key)
-    return None if packed is None else unpack_correct(packed, report['n_ex'])
-
-
-def paired_row(name: str, a: list[bool] | None, b: list[bool] | None) -> dict[str, Any] | None:
-    """Accuracies of a and b on the same points and the exact McNemar p-value."""
-    from timm_edl.stats import mcnemar_exact
-    if a is None or b is None:
-        return None
-    if len(a) != len(b):
-        raise ValueError(f"{name}: the two models were evaluated on different points ({len(a)} vs {len(b)})")
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    return {'metric': name, 'n': len(a), 'a': 100 * sum(a) / len(a), 'b': 100 * sum(b) / len(b),
-            'only_a': only_a, 'only_b': only_b, 'p': mcnemar_exact(only_a, only_b)}
-
-
-def paired_rows(edl: dict[str, tuple[Path, dict]], conv: dict[str, tuple[Path, dict]]) -> list[dict[str, Any]]:
-    """EDLNet (a) vs twin (b) on every metric both have per-point results for."""
-    rows = []
-    for step, keys in (('full', (('clean', 'Clean'), ('pgd', 'PGD-20'))),
-                       ('aa', (('autoattack', 'AutoAttack'),))):
-        if step in edl and step in conv:
-            for key, label in keys:
-                n = edl[step][1]['n_ex']
-                rows.append(paired_row(f"{label} ({n:,} points)", _bits(edl[step][1], key), _bits(conv[step][1], key)))
-    if 'corruptions' in edl and 'corruptions' in conv:
-        rows.append(corruption_row(edl['corruptions'][1], conv['corruptions'][1]))
-    if 'certify' in edl and 'certify' in conv:
-        rows += certify_rows(edl['certify'][1], conv['certify'][1])
-    return [r for r in rows if r is not None]
-
-
-def corruption_row(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any] | None:
-    """All (image, corruption, severity) results pooled: 75 x n paired outcomes (not independent:
-    the same image under 75 corruptions; read the p-value as a screen, the per-severity means as the result)."""
-    bits_a, bits_b = [], []
-    for key in sorted(a.get('per_point') or {}):
-        if key in (b.get('per_point') or {}) and key != 'clean':
-            bits_a += _bits(a, key)
-            bits_b += _bits(b, key)
-    return paired_row(f"Corruptions, pooled ({len(bits_a):,} image-corruption pairs)", bits_a or None, bits_b or None)
-
-
-def certify_rows(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = []
-    for r in (0.0, 0.25, 0.5, 0.75, 1.0):
-        ca = [p['correct'] and p['radius'] is not None and p['radius'] >= r for p in a['points']]
-        cb = [p['correct'] and p['radius'] is not None and p['radius'] >= r for p in b['points']]
-        rows.append(paired_row(f"Certified, L2 radius {r:g} ({len(ca)} points)", ca, cb))
-    return rows
-
-
-def paired_table(rows: list[dict[str, Any]]) -> str:
-    lines = ['| Metric | EDLNet | Conv twin | EDL only right | Twin only right | McNemar p |', '|---|---|---|---|---|---|']
-    for r in rows:
-        lines.append(f"| {r['metric']} | {r['a']:.2f} | {r['b']:.2f} | {r['only_a']} | {r['only_b']} | {r['p']:.3g} |")
-    return '\n'.join(lines)
-
-
-def verdict(row: dict[str, Any], level: float = 0.05) -> str:
-    if row['p'] >= level:
-        return 'tie'
-    return 'EDL helps' if row['a'] > row['b'] else 'EDL hurts'
 
 
 # ----------------------------------------------------------------------------- export and ship
@@ -152,7 +83,7 @@ def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tup
                   paired_table(rows), '']
     if 'aa' in evals:
         report = evals['aa'][1]
-        clean, pgd = _bits(report, 'clean')[:1000], _bits(report, 'pgd')[:200]
+        clean, pgd = bits(report, 'clean')[:1000], bits(report, 'pgd')[:200]
         lines += ['## Check it yourself', '',
                   f"- Clean accuracy on the first 1,000 test points: {100 * sum(clean) / len(clean):.2f} %",
                   f"- PGD-20 accuracy on the first 200 test points: {100 * sum(pgd) / len(pgd):.2f} %", '',

@@ -11,7 +11,7 @@ from test_hub import tiny_edlnet
 from timm_edl import hub
 from timm_edl.hub.card import comparison_markdown
 from timm_edl.results import read_eval_results
-from timm_edl.stats import mcnemar_exact, pack_correct, paired_counts, unpack_correct
+from timm_edl.stats import mcnemar_exact, pack_correct, paired_counts, sign_test, unpack_correct
 
 
 @pytest.mark.parametrize('b,c', [(0, 0), (0, 5), (2, 8), (7, 7), (30, 51), (400, 460), (1, 0), (12, 100)])
@@ -95,3 +95,16 @@ def test_bad_per_point_results_are_refused():
         read_eval_results(dict(ours, per_point={'clean': 'ff'}))
     with pytest.raises(ValueError, match='hex strings'):
         read_eval_results(dict(ours, per_point={'clean': [True, False]}))
+
+
+def test_sign_test_against_scipy_binomtest():
+    from scipy.stats import binomtest
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 60):
+        a = torch.randint(0, 6, (n,), generator=gen).tolist()
+        b = torch.randint(0, 6, (n,), generator=gen).tolist()
+        more, fewer, p = sign_test(a, b)
+        assert more == sum(x > y for x, y in zip(a, b)) and fewer == sum(x < y for x, y in zip(a, b))
+        assert p == pytest.approx(binomtest(more, more + fewer, 0.5).pvalue if more + fewer else 1.0, rel=1e-9)
+    with pytest.raises(ValueError, match='paired'):
+        sign_test([1, 2], [1])

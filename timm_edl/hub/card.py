@@ -12,7 +12,7 @@ from ..layers import edl_layers
 from ..results import (
     attack_label, certified_eval_results, corruption_scope, data_label, eps_text, eval_results, pct, pct_text,
 )
-from ..stats import mcnemar_exact, paired_counts, unpack_correct
+from ..stats import mcnemar_exact, paired_counts, sign_test, unpack_correct
 
 CARD_TEMPLATE = Path(__file__).resolve().parent.parent / '_cards' / 'model_card.md.tmpl'  # hub_cards/ links to it
 _TAGS = ('image-classification', 'timm', 'edlnet', 'adversarial-robustness', 'timm-edl',
@@ -231,34 +231,36 @@ def comparison_markdown(results: List[Dict[str, Any]], compare: Dict[str, List[D
     return table + corruption_comparison(corrupted, compare)
 
 
-def _pooled(r: Dict[str, Any]) -> Optional[List[bool]]:
-    """Every (point, corruption, severity) outcome of a corruption result, in one fixed order."""
+def _per_image(r: Dict[str, Any]) -> Optional[List[int]]:
+    """Per test point, how many of its corrupted copies (corruption x severity) the model got right."""
     per_point = r.get('per_point') or {}
-    keys = sorted(k for k in per_point if k != 'clean')
+    keys = [k for k in per_point if k != 'clean']
     if not keys:
         return None
-    return [bit for k in keys for bit in unpack_correct(per_point[k], r['n_ex'])]
+    columns = [unpack_correct(per_point[k], r['n_ex']) for k in keys]
+    return [sum(col[i] for col in columns) for i in range(r['n_ex'])]
 
 
 def corruption_comparison(corrupted: List[Dict[str, Any]], compare: Dict[str, List[Dict[str, Any]]]) -> str:
-    """The compared models' corruption accuracy on the same corrupted points, with McNemar's
-    exact test on all (point, corruption, severity) outcomes pooled ('' without any)."""
-    rows = ['| Model | Corrupted set | Test points | Corruption accuracy | McNemar p (pooled) |',
-            '|---|---|---|---|---|']
+    """The compared models' corruption accuracy on the same corrupted points, with the exact sign
+    test (:func:`timm_edl.stats.sign_test`) of the points' numbers of correct corrupted copies ('' without any)."""
+    rows = ['| Model | Corrupted set | Test points | Corruption accuracy | Points this model does better / worse '
+            '| Sign test p |', '|---|---|---|---|---|---|']
     for r in corrupted:
         rows.append(f"| this model | {r.get('corruption_label') or data_label(r)} | {r['n_ex']} "
-                    f"| {pct_text(r['corruptions_acc'])} | |")
+                    f"| {pct_text(r['corruptions_acc'])} | | |")
         for label, others in compare.items():
             for o in (o for o in others if _same_points(r, o)):
-                a, b = _pooled(r), _pooled(o)
-                p = '-' if a is None or b is None or len(a) != len(b) else f"{mcnemar_exact(*paired_counts(a, b)):.3g}"
+                a, b = _per_image(r), _per_image(o)
+                test = '- | -' if a is None or b is None else '{} / {} | {:.3g}'.format(*sign_test(a, b))
                 rows.append(f"| {label} | {o.get('corruption_label') or data_label(o)} | {o['n_ex']} "
-                            f"| {pct_text(o['corruptions_acc'])} | {p} |")
+                            f"| {pct_text(o['corruptions_acc'])} | {test} |")
     if len(rows) == 2 + len(corrupted):
         return ''
-    return ("\n\nCommon corruptions, same points and corruptions. The pooled test treats the corrupted copies "
-            "of one image as separate outcomes, which they are not quite: read its p-value as a screen.\n\n"
-            + '\n'.join(rows))
+    return ("\n\nCommon corruptions, same points and corruptions. Sign test: per test point, the number of its "
+            "corrupted copies each model gets right; the points where this model gets more against those where "
+            "it gets fewer, exact two-sided binomial test (ties dropped; the copies of one image are not "
+            "independent outcomes, the points are).\n\n" + '\n'.join(rows))
 
 
 def _range_text(values: List[float]) -> str:
