@@ -81,13 +81,14 @@ def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tup
                   f"EDLNet `{pair.name('edl')}` vs conv twin `{pair.name('conv')}` (same recipe and seed) on the same "
                   "test points; McNemar's exact test on the points where exactly one of them is right.", '',
                   paired_table(rows), '']
-    if 'aa' in evals:
-        report = evals['aa'][1]
-        clean, pgd = bits(report, 'clean')[:1000], bits(report, 'pgd')[:200]
-        lines += ['## Check it yourself', '',
-                  f"- Clean accuracy on the first 1,000 test points: {100 * sum(clean) / len(clean):.2f} %",
-                  f"- PGD-20 accuracy on the first 200 test points: {100 * sum(pgd) / len(pgd):.2f} %", '',
-                  "(`tests/test_zoo.py` reproduces both: the clean accuracy exactly, PGD-20 within 1 point.)", '']
+    full = evals.get('full', (None, {}))[1]
+    clean, pgd = bits(full, 'clean') if full else None, bits(full, 'pgd') if full else None
+    if clean is not None and len(clean) >= 1000:
+        lines += ['## Check it yourself', '', f"- Clean accuracy on the first 1,000 test points: "
+                                              f"{100 * sum(clean[:1000]) / 1000:.2f} %"]
+        if pgd is not None and len(pgd) >= 200:
+            lines.append(f"- PGD-20 accuracy on the first 200 test points: {100 * sum(pgd[:200]) / 200:.2f} %")
+        lines += ['', "(`tests/test_zoo.py` reproduces them: the clean accuracy exactly, PGD-20 within 1 point.)", '']
     lines += ['## What it is not', '', f"- {_scope(pair)}",
               "- A small model trained on two CPU cores, not a paper-scale EDLNet."]
     return '\n'.join(lines)
@@ -147,8 +148,31 @@ def pair_markdown(pair: Pair, shipped: dict[str, dict[str, Any]], rows: list[dic
     return '\n'.join(lines)
 
 
+def _pct(report: dict[str, Any] | None, key: str) -> str:
+    value = None if report is None else report.get(key)
+    return '-' if value is None else f"{100 * value:.2f}"
+
+
+def readme_rows(pair: Pair, shipped: dict[str, dict[str, Any]]) -> list[str]:
+    """One README zoo row per shipped model of the pair (accuracies in %, points in parentheses)."""
+    rows = []
+    for arm in ARMS:
+        ev = {k: r for k, (_, r) in shipped[arm]['evals'].items()}
+        full, aa, cert, cor = (ev.get(k) for k in ('full', 'aa', 'certify', 'corruptions'))
+        robust = (f"PGD-20 {_pct(full, 'pgd_acc')} ({full['n_ex']:,}); AA {_pct(aa, 'autoattack_acc')} "
+                  f"({aa['n_ex']:,})" if aa else '')
+        if cert:
+            radii = {row['radius']: row['accuracy'] for row in cert['certified_accuracy']}
+            robust = (f"certified L2 0.25 / 0.5: {100 * radii[0.25]:.1f} / {100 * radii[0.5]:.1f} "
+                      f"({cert['n_ex']:,}, sigma {cert['sigma']:g}, n {cert['n']:,})")
+        corrupt = f"{_pct(cor, 'corruptions_acc')} ({cor['n_ex']:,})" if cor else '-'
+        rows.append(f"| `{pair.archs[arm]}` | `{pair.tag}` | {pair.label} | {pair.about} | {_pct(full, 'clean_acc')} "
+                    f"({full['n_ex']:,}) | {robust} | {corrupt} | `make zoo` (`{pair.recipe}`) |")
+    return rows
+
+
 def ship_pairs(pairs: list[Pair], args, log) -> list[str]:
-    names, sections = [], []
+    names, sections, rows = [], [], []
     for pair in pairs:
         state = status(pair, args.cache_root)
         if not all(all(v for v in state[arm].values()) for arm in ARMS):
@@ -161,13 +185,16 @@ def ship_pairs(pairs: list[Pair], args, log) -> list[str]:
             log(f"{pair.key}: NOT SHIPPED, checks failed in {failed}")
             continue
         shipped = {arm: ship_arm(pair, arm, args, log) for arm in ARMS}
-        rows = paired_rows(shipped['edl']['evals'], shipped['conv']['evals'])
-        sections.append(pair_markdown(pair, shipped, rows))
+        sections.append(pair_markdown(pair, shipped, paired_rows(shipped['edl']['evals'], shipped['conv']['evals'])))
+        rows += readme_rows(pair, shipped)
         names += [shipped[arm]['name'] for arm in ARMS]
     if sections:
         body = '## Model pairs (`experiments/zoo_pairs.py`)\n\n' + '\n\n'.join(sections)
         for path in (args.out_md, args.out_md.parent / 'results.md'):
             write_section(path, SECTION, body)
+        write_section(args.readme, SECTION, '\n'.join(
+            ['| Model | Tag | Data | Training | Clean | Robust | Corruptions (generated) | Made by |',
+             '|---|---|---|---|---|---|---|---|'] + rows))
     return names
 
 
