@@ -3,6 +3,7 @@ against a linear classifier's closed form, the binomial statistics against scipy
 exact reproducibility across seeds, batch sizes, chunks and interrupted runs, the command and
 the model card."""
 import json
+from pathlib import Path
 import math
 from statistics import NormalDist
 
@@ -237,9 +238,17 @@ def test_card_has_the_certified_section_and_metrics(tmp_path, capsys):
     torch.manual_seed(0)  # the command's random initialisation (--seed 0)
     model = timm.create_model('edlnet_resnet18', in_chans=1, num_classes=10, widths=[8, 16], layers=[1, 1],
                               stem_width=8, stem_type='imagenet')
-    folder = hub.export(model, tmp_path / 'export', certify_results=[report['files']['json']])
+    folder = hub.export(model, tmp_path / 'export', certify_results=[report['files']['json']],
+                        model_name='edlnet_resnet18.t', card_dir=tmp_path / 'cards')
     card = (folder / 'README.md').read_text()
     assert '### Certified robustness (randomized smoothing)' in card and 'sigma = 0.25' in card
+    # the command's plot ships beside the card (the export folder and the card folder), linked from it
+    plot = 'edlnet_resnet18.t.certified_accuracy.png'
+    assert f'![Certified accuracy against the L2 radius]({plot})' in card
+    for where in (folder, tmp_path / 'cards'):
+        assert (where / plot).read_bytes() == Path(report['files']['json']).with_suffix('.png').read_bytes()
+    hub.export(model, folder, overwrite=True)  # re-exported without the certification: no stale plot
+    assert not (folder / plot).exists() and 'Certified robustness' not in (folder / 'README.md').read_text()
     header = yaml.safe_load(card.split('---')[1])
     metrics = header['model-index'][0]['results'][0]['metrics']
     assert [m['args']['radius'] for m in metrics] == [0.0, 0.25, 0.5, 0.75, 1.0]

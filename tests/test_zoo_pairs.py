@@ -88,6 +88,7 @@ def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path):
 
     card = (tmp_path / 'cards' / 'edlnet_resnet8_in.toy_smooth.md').read_text()
     assert 'Certified robustness (randomized smoothing)' in card
+    assert (tmp_path / 'cards' / 'edlnet_resnet8_in.toy_smooth.certified_accuracy.png').is_file()
     assert 'conv twin (edlnet_resnet8_in_conv, same recipe and seed)' in card
     assert '## Paired comparison with its twin' in card and 'Certified, L2 radius 0.25 (4 points)' in card
     section = (tmp_path / 'docs' / 'results.md').read_text()

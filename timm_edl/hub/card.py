@@ -128,8 +128,9 @@ def checks_markdown(results: List[Dict[str, Any]]) -> str:
     return ''.join(f"\n\n{p}" for p in parts)
 
 
-def certified_markdown(certified: Sequence[Dict[str, Any]]) -> str:
-    """The "Certified robustness (randomized smoothing)" section ('' without certifications)."""
+def certified_markdown(certified: Sequence[Dict[str, Any]], plots: Optional[Dict[str, Any]] = None) -> str:
+    """The "Certified robustness (randomized smoothing)" section ('' without certifications);
+    ``plots``: file names of certified-accuracy plots shipped beside the card."""
     parts = []
     for r in certified:
         rows = ['| L2 radius | ' + ' | '.join(f"{row['radius']:g}" for row in r['certified_accuracy']) + ' |',
@@ -146,7 +147,8 @@ def certified_markdown(certified: Sequence[Dict[str, Any]]) -> str:
             + f"\n\nAbstained on {pct_text(r['abstention_rate'])} of the points.{base}")
     if not parts:
         return ''
-    return "\n\n### Certified robustness (randomized smoothing)\n\n" + '\n\n'.join(parts)
+    images = [f"![Certified accuracy against the L2 radius]({name})" for name in plots or {}]
+    return "\n\n### Certified robustness (randomized smoothing)\n\n" + '\n\n'.join(parts + images)
 
 
 def _same_points(a: Dict[str, Any], b: Dict[str, Any]) -> bool:

@@ -9,6 +9,7 @@ converted timm model, architecture ``edl_converted`` with ``base_model``, ``conv
 sha256 of the weights, evaluation results).
 """
 import json
+import shutil
 import os
 import re
 import tempfile
@@ -35,6 +36,7 @@ from .load import model_recipe, require_registered, version
 
 CARD_NAME = 'README.md'
 MANAGED = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+PLOT_PATTERN = '*.certified_accuracy*.png'  # certified-accuracy plots shipped with a card
 EXPORT_FORMAT = 2  # 2: converted models as edl_converted (1: base architecture + timm_edl_conversion)
 
 # Model arguments that describe how a model was created or loaded, not its architecture.
@@ -199,11 +201,14 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise FileExistsError(
             f"{out_dir} is not empty ({', '.join(sorted(entries)[:6])}): refusing to overwrite it. Pick a new "
             f"folder, or pass overwrite=True (--overwrite) to replace an earlier export there.")
-    unknown = sorted(set(entries) - set(MANAGED))
+    plots = {p.name for p in out_dir.glob(PLOT_PATTERN)}
+    unknown = sorted(set(entries) - set(MANAGED) - plots)
     if unknown:
         raise FileExistsError(
             f"{out_dir} holds files an export does not write ({', '.join(unknown[:6])}); they would be pushed "
             f"along with the export. Remove them or pick another folder.")
+    for name in plots:  # the new export writes its own, if any
+        (out_dir / name).unlink()
 
 
 def _default_model_name(arch: str, tag: Optional[str], kind: str) -> str:
@@ -294,6 +299,7 @@ def export(
     results = read_eval_results(eval_results)
     compare = {label: read_eval_results(r) for label, r in (compare_results or {}).items()}
     certified = read_certified_results(certify_results)
+    plots = _certified_plots(certify_results, model_name)
     digest = state_dict_digest(model)
     for r in results + certified:
         if r.get('architecture') and timm.is_model(r['architecture']) and r['architecture'] not in (arch, config_arch):
@@ -344,7 +350,7 @@ def export(
         metadata=C.metadata_yaml(model_name, license, list(datasets), results, tags, certified),
         model_name=model_name, repo_id=repo_id, summary=summary, paper_id=PAPER_ID,
         evaluation=C.evaluation_markdown(results), checks=C.checks_markdown(results),
-        comparison=C.comparison_markdown(results, compare) + C.certified_markdown(certified),
+        comparison=C.comparison_markdown(results, compare) + C.certified_markdown(certified, plots),
         notes=f"\n\n{card_notes.strip()}" if card_notes and card_notes.strip() else '',
         details=C.details_markdown(model, arch, kind, num_params, input_size, label_names, datasets),
         edl_details=edl_text, usage=C.usage_markdown(repo_id, kind), license=license,
@@ -368,10 +374,22 @@ def export(
     _write_text(out_dir / CONFIG_NAME, json.dumps(config, indent=2) + '\n')
     _write_text(out_dir / CARD_NAME, card)
     os.replace(tmp_weights, out_dir / WEIGHTS_NAME)
+    for target in [out_dir] + ([Path(card_dir)] if card_dir is not None else []):
+        target.mkdir(parents=True, exist_ok=True)
+        for name, source in plots.items():
+            shutil.copyfile(source, target / name)
     if card_dir is not None:
-        Path(card_dir).mkdir(parents=True, exist_ok=True)
         _write_text(Path(card_dir) / f'{model_name}.md', card)
     return out_dir
+
+
+def _certified_plots(certify_results: Any, model_name: str) -> Dict[str, Path]:
+    """``{file name in the export: PNG}`` of the certification JSONs given as paths that have the
+    certified-accuracy plot ``timm-edl certify`` writes beside them (same stem, ``.png``)."""
+    items = list(certify_results) if isinstance(certify_results, (list, tuple)) else [certify_results]
+    paths = [Path(p).with_suffix('.png') for p in items if isinstance(p, (str, Path))]
+    found = [p for p in paths if p.is_file()]
+    return {f"{model_name}.certified_accuracy{'' if i == 0 else f'_{i + 1}'}.png": p for i, p in enumerate(found)}
 
 
 def _default_data_config(model: nn.Module, kind: str, results: List[Dict[str, Any]],
