@@ -101,7 +101,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _device(name: str):
-    from ..evaluation.config import OptionError, _device as resolve_device
+    from ..evaluation.config import OptionError, resolve_device
     try:
         return resolve_device(name)
     except OptionError as e:
@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
 
     from ..data import DatasetError, dataset_info, get_dataset, load_tensors
     from ..evaluation.certify_report import build_report, markdown, output_stem, reserve_stem, write_outputs
-    from ..evaluation.core import _check_points, _versions
+    from ..evaluation.core import check_points, package_versions
     from ..evaluation.models import describe_model, load_model
     from ..evaluation.runners import predict_correct
 
@@ -187,7 +187,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
         raise UsageError(str(e)) from None
     model, source = load_model(**model_opts, num_classes=info.num_classes, in_chans=x.shape[1])
     model = model.to(device).eval()
-    _check_points(model, x, y, device, info.display_name, info)
+    check_points(model, x, y, device, info.display_name, info)
     out_dir = Path(args.out)
     state_path = _state_path(out_dir, model, x, y, args, device)
     state = _certify_chunks(model, x, y, args, device, state_path)
@@ -211,7 +211,7 @@ def _run(args: argparse.Namespace, argv: List[str]) -> int:
     report = build_report([state['records'][i] for i in range(len(x))], model=description, data=data,
                           sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed,
                           batch_size=args.batch_size, device=str(device), base_clean_acc=int(clean.sum()) / len(x),
-                          timings=timings, versions=_versions())
+                          timings=timings, versions=package_versions())
     report['command'] = 'timm-edl certify ' + ' '.join(shlex.quote(a) for a in argv)
     stem = reserve_stem(out_dir, output_stem(report), args.overwrite)
     files = write_outputs(report, out_dir, stem)

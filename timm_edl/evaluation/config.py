@@ -18,7 +18,7 @@ from .errors import EvaluationError
 from .models import NAIVE_MODES
 from .runners import AUTOATTACK_ATTACKS, AUTOATTACK_VERSIONS
 
-__all__ = ['EvalConfig', 'EvalSetting', 'OptionError', 'ATTACKS']
+__all__ = ['EvalConfig', 'EvalSetting', 'OptionError', 'ATTACKS', 'resolve_device']
 
 ATTACKS = ('clean', 'noise', 'pgd', 'autoattack')
 _ATTACK_ALIASES = {'aa': 'autoattack', 'auto-attack': 'autoattack', 'autoattack': 'autoattack',
@@ -135,7 +135,7 @@ class EvalConfig:
         return EvalSetting(threat_model=threat_model, eps=eps, eps_text=eps_text, attacks=attacks,
                            step_size=step_size, sweep=sweep, min_steps=min_steps,
                            aa_version='custom' if aa_attacks else self.version, aa_attacks=aa_attacks,
-                           device=_device(self.device), pgd_label=pgd_label)
+                           device=resolve_device(self.device), pgd_label=pgd_label)
 
     def _check_choices(self, threat_model: str, attacks: List[str]) -> None:
         if self.version not in AUTOATTACK_VERSIONS:
@@ -188,7 +188,7 @@ def _check_autoattack(version: str, aa_attacks: Optional[List[str]]) -> None:
                           value=unknown, choices=AUTOATTACK_ATTACKS)
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     name = str(name or 'cpu')
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')

@@ -26,7 +26,7 @@ from ..threat import default_eps, format_eps
 from ..weights import state_dict_digest
 from .errors import EvaluationError
 
-__all__ = ['EvalConfig', 'evaluate', 'ATTACKS', 'SCHEMA', 'state_key']
+__all__ = ['EvalConfig', 'evaluate', 'ATTACKS', 'SCHEMA', 'state_key', 'package_versions', 'dataset_fields', 'check_points']
 
 SCHEMA = 'timm-edl-eval/1'
 
@@ -36,7 +36,7 @@ def state_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _versions() -> Dict[str, Optional[str]]:
+def package_versions() -> Dict[str, Optional[str]]:
     from importlib import metadata
     out: Dict[str, Optional[str]] = {'python': platform.python_version()}
     for dist in ('timm-edl', 'torch', 'timm', 'pyautoattack', 'numpy', 'torchvision'):
@@ -57,7 +57,7 @@ def _row(label: str, correct: torch.Tensor, seconds: float, **extra: Any) -> Dic
             'seconds': round(seconds, 3), 'seconds_per_100': round(100 * seconds / max(n, 1), 3), **extra}
 
 
-def _dataset_fields(dataset: Any, data_label: Optional[str]) -> Tuple[str, str, Optional[float], Any]:
+def dataset_fields(dataset: Any, data_label: Optional[str]) -> Tuple[str, str, Optional[float], Any]:
     """(name, display label, default Linf eps, info) for a dataset name or DatasetInfo."""
     from ..data import DATASETS, DatasetInfo
     info = None
@@ -344,7 +344,7 @@ def evaluate(model: nn.Module, *args: Any, **kwargs: Any) -> Dict[str, Any]:
         return _evaluate(model, *args, **kwargs)
 
 
-def _check_points(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, label: str,
+def check_points(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, label: str,
                   data_info: Any) -> None:
     """The points are [0, 1] images with one label each, and the model has a logit per class."""
     if len(x) == 0 or len(x) != len(y):
@@ -398,13 +398,13 @@ def _evaluate(
     """
     config = config or EvalConfig()
     started, started_cpu = time.time(), time.process_time()
-    dataset_name, label, default_linf, data_info = _dataset_fields(dataset, data_label)
+    dataset_name, label, default_linf, data_info = dataset_fields(dataset, data_label)
     setting = config.resolve(default_linf)
     model = model.to(setting.device).eval()
     if surrogate is not None:
         surrogate = surrogate.to(setting.device).eval()
     torch.manual_seed(config.seed)
-    _check_points(model, x, y, setting.device, label, data_info)
+    check_points(model, x, y, setting.device, label, data_info)
     run = _Run(model, x, y, config, setting, surrogate, surrogate_name,
                log or (lambda msg: print(msg, file=sys.stderr, flush=True)))
     for attack in _ATTACKS:
@@ -508,7 +508,7 @@ def _report(run: _Run, checks: List[Check], sweep_points: List[Dict[str, Any]], 
         'model': description,
         'edl_beta': {k: v['beta'] for k, v in description['edl']['layers'].items()},
         'config': config.to_dict(),
-        'versions': _versions(),
+        'versions': package_versions(),
         'date': datetime.now(timezone.utc).isoformat(timespec='seconds'),
         'robustbench': rb,
     }

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..results import pct_text
-from .config import _device
-from .core import _dataset_fields, _versions, model_index, pack_correct
+from .config import resolve_device
+from .core import dataset_fields, package_versions, model_index, pack_correct
 from .errors import EvaluationError
 from .models import describe_model
 from .runners import progress_bar
@@ -111,7 +111,7 @@ def evaluate_corruptions(
         raise EvaluationError(f"the clean points ({len(labels)}) and the corrupted set ({n} per severity) differ")
     if int(batch_size) < 1:
         raise EvaluationError(f"batch size must be >= 1, got {batch_size}")
-    device_ = _device(device)
+    device_ = resolve_device(device)
     model = model.to(device_).eval()
     correct: Dict[Any, torch.Tensor] = {}
     timings: Dict[str, float] = {}
@@ -161,14 +161,14 @@ def _report(corrupted: Any, table: Dict[str, Any], clean_acc: Optional[float], d
             severities: Sequence[int], seed: int, device: torch.device, batch_size: int, timings: Dict[str, float],
             per_point: Dict[str, str]) -> Dict[str, Any]:
     from ..data.corruptions import CORRUPTIONS, SEVERITIES
-    name, label, _, data_info = _dataset_fields(dataset, None)
+    name, label, _, data_info = dataset_fields(dataset, None)
     n, generated = int(corrupted.n), corrupted.generated is not None
     complete = tuple(corruptions) == CORRUPTIONS and tuple(severities) == SEVERITIES
     lossy = bool(getattr(data_info, 'lossy', False))
     footnote = _footnote(generated=generated, corruption_label=corrupted.label, lossy=lossy, label=label, n=n,
                          n_total=n_total, split=split, complete=complete, pairs=len(corruptions) * len(severities),
                          weights=description.get('weights'), extra=info.get('footnote'))
-    versions = _versions()
+    versions = package_versions()
     if generated:
         versions[corrupted.generated['library']] = corrupted.generated['version']
     report: Dict[str, Any] = {
