@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _jobs import git_commit, machine_info
+from _jobs import REPO, git_commit, machine_info
 from _paired import bits, paired_rows, paired_table, verdict
 from _sections import write_section
 from zoo import drop_cached_weights, final_folder
@@ -135,6 +135,11 @@ def ship_arm(pair: Pair, arm: str, args, log) -> dict[str, Any]:
     return {'name': name, 'evals': evals, 'train': train, 'entry': entry}
 
 
+def _in_checkout(command: str) -> str:
+    """A recorded command with the checkout's own paths written relative to it (as they run from there)."""
+    return command.replace(f"{REPO}/", '')
+
+
 def pair_markdown(pair: Pair, shipped: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     lines = [f"### {pair.label}: `{pair.archs['edl']}` vs `{pair.archs['conv']}` ({pair.about})", '',
              paired_table(rows), '',
@@ -144,7 +149,7 @@ def pair_markdown(pair: Pair, shipped: dict[str, dict[str, Any]], rows: list[dic
         s = shipped[arm]
         lines.append(f"- `{s['name']}`: {s['train']['epochs']} epochs, {s['train']['train_seconds'] / 3600:.1f} h "
                      f"of training steps; `{s['entry']['train_command']}`; evaluations: "
-                     + '; '.join(f"`{r['command']}`" for _, r in s['evals'].values()))
+                     + '; '.join(f"`{_in_checkout(r['command'])}`" for _, r in s['evals'].values()))
     return '\n'.join(lines)
 
 
