@@ -143,6 +143,12 @@ def status(pair: Pair, root: Path | None = None) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- running the commands
 
+def _interruptible() -> None:
+    """In the child: SIGINT back to its default, so that Python turns it into KeyboardInterrupt
+    (a process started in the background by a shell inherits SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(argv: list[str], log: Path, deadline: float | None) -> int:
     """Run ``timm-edl`` with ``argv`` on one thread, output appended to ``log``; at ``deadline``
     it gets SIGINT (it stops at a chunk boundary, its state saved) and its exit status is returned."""
@@ -152,7 +158,7 @@ def _run(argv: list[str], log: Path, deadline: float | None) -> int:
         f.write(f"\n$ timm-edl {shlex.join(argv)}  # {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
         f.flush()
         proc = subprocess.Popen([sys.executable, '-m', 'timm_edl.cli', *argv], cwd=REPO, env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=_interruptible)
         try:
             return proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
         except subprocess.TimeoutExpired:

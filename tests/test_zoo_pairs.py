@@ -97,3 +97,24 @@ def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path):
     # shipping again reads the package copy (checked by its sha256) and writes the same card
     assert zoo_ship.ship_pairs([pair], args, messages.append)
     assert (tmp_path / 'cards' / 'edlnet_resnet8_in.toy_smooth.md').read_text() == card
+
+
+def test_a_step_past_the_deadline_stops_at_a_chunk_even_when_the_driver_ignores_sigint(tmp_path):
+    """The driver, started in the background by a shell, inherits SIGINT ignored; its steps still
+    stop on the deadline's SIGINT (exit 130, Ctrl-C's) with their finished chunks saved."""
+    import signal
+    import time
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        out = tmp_path / 'cert'
+        argv = ['certify', '--model', 'edlnet_resnet18', '--model-kwargs', 'widths=[8,16]', 'layers=[1,1]',
+                'stem_width=8', 'stem_type=imagenet',
+                '--dataset', 'fashion-mnist-small', '--sigma', '0.25', '--n0', '8', '--n', '20000', '--n-ex', '200',
+                '--chunk-size', '1', '--batch-size', '500', '--device', 'cpu', '--no-progress', '--out', str(out)]
+        started = time.time()
+        rc = zoo_pairs._run(argv, tmp_path / 'log.txt', deadline=time.time() + 15)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert rc == 130, (tmp_path / 'log.txt').read_text()[-2000:]
+    assert time.time() - started < 120
+    assert list((out / '.certify-state').glob('certify-*.json'))  # the finished chunks are kept
