@@ -389,7 +389,7 @@ def _flag(report: dict[str, Any]) -> str:
 def package_size_line(shipped: list[dict[str, Any]]) -> str:
     weights = sum(s['entry']['bytes'] for s in shipped)
     files = f"{len(shipped)} safetensors file{'s' if len(shipped) != 1 else ''}"
-    return f"The weights add {weights:,} bytes to the package ({files} in `timm_edl/_zoo/`, plus `manifest.json`)."
+    return f"Their weights add {weights:,} bytes to the package ({files} in `timm_edl/_zoo/`, listed in `manifest.json`)."
 
 
 def zoo_table(shipped: list[dict[str, Any]]) -> str:

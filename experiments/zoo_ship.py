@@ -143,7 +143,8 @@ def _in_checkout(command: str) -> str:
 def pair_markdown(pair: Pair, shipped: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     lines = [f"### {pair.label}: `{pair.archs['edl']}` vs `{pair.archs['conv']}` ({pair.about})", '',
              paired_table(rows), '',
-             'Paired on the same test points (exact McNemar test on the points where exactly one model is right): '
+             'Paired on the same test points (exact McNemar test on the points where exactly one model is right; '
+             'for the corruptions, the exact sign test per point): '
              + '; '.join(f"{r['metric'].split(' (')[0]}: {verdict(r)}" for r in rows) + '.', '']
     for arm in ARMS:
         s = shipped[arm]

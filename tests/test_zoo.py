@@ -30,10 +30,14 @@ from timm_edl.models import edlnet
 REPO = Path(__file__).resolve().parents[1]
 # The zoo: model name -> dataset (experiments/zoo.py makes them; the test says which must ship).
 ZOO = {'edlnet_resnet8_in.fashion_mnist_pgd_linf': 'fashion-mnist',
-       'edlnet_resnet8_in.cifar10_jpeg_pgd_linf': 'cifar10-jpeg'}
+       'edlnet_resnet8_in.cifar10_jpeg_pgd_linf': 'cifar10-jpeg',
+       'edlnet_resnet8_in.cifar10_jpeg_smooth_sigma25': 'cifar10-jpeg',
+       'edlnet_resnet8_in_conv.cifar10_jpeg_smooth_sigma25': 'cifar10-jpeg'}
 REQUIRE = {'fashion-mnist': require_fashion_mnist, 'cifar10-jpeg': require_cifar10_jpeg}
 # Models trained for randomized smoothing: the folder of the certification their card reports.
-CERTIFIED = {}
+_SMOOTHING = 'experiments/cache/zoo/cpu/cifar10-jpeg-smoothing'
+CERTIFIED = {'edlnet_resnet8_in.cifar10_jpeg_smooth_sigma25': f'{_SMOOTHING}/edl_eval/certify',
+             'edlnet_resnet8_in_conv.cifar10_jpeg_smooth_sigma25': f'{_SMOOTHING}/conv_eval/certify'}
 
 
 def test_the_package_ships_every_zoo_model():
