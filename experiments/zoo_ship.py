@@ -70,7 +70,7 @@ def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tup
     lines = ["## How it was trained", '',
              f"- Command: `timm-edl train --config {pair.recipe}"
              + (f" --model {pair.archs[arm]}`" if arm != 'edl' else '`')
-             + f" ({pair.about}); run by `make zoo` (`experiments/zoo_pairs.py`), resumed across several runs.",
+             + f" ({pair.about}); run by `make zoo` (`experiments/zoo_pairs.py`, resumable).",
              f"- {train['epochs']} epochs, {train['train_seconds'] / 3600:.1f} h of training steps (sum of the epoch "
              f"times) on {machine_info().get('cpu', 'a CPU')}, one thread, no GPU.",
              f"- The weights are the epoch with the best {picked} on a hold-out of {cfg.get('val_n_ex'):,} training "
