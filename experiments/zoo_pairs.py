@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     pairs = [PAIRS[k] for k in (args.pair or sorted(PAIRS))]
 
-    def log(msg: str) -> None:
-        print(f"[zoo pairs {dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+    def log(msg: str) -> None:  # one write per line: the arms log from two threads
+        sys.stdout.write(f"[zoo pairs {dt.datetime.now():%H:%M:%S}] {msg}\n")
+        sys.stdout.flush()
 
     if args.status:
         for pair in pairs:
