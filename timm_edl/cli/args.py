@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-__all__ = ['KwargsError', 'parse_kwargs', 'parse_label_names', 'add_model_options', 'model_options']
+__all__ = ['KwargsError', 'parse_kwargs', 'parse_label_names', 'add_model_options', 'model_options', 'add_data_options']
 
 
 class KwargsError(ValueError):
@@ -89,7 +89,7 @@ def add_model_options(parser: argparse.ArgumentParser, *, required: bool = True,
                    help='weights loaded into the model once built (.safetensors; .pth/.pt/.bin need --allow-pickle)')
     g.add_argument('--allow-pickle', action='store_true',
                    help='accept .pth/.pt/.bin weights you trust (read with torch.load(weights_only=True))')
-    return g
+
 
 
 def model_options(args: argparse.Namespace) -> Dict[str, Any]:
@@ -100,3 +100,18 @@ def model_options(args: argparse.Namespace) -> Dict[str, Any]:
              'allow_pickle': args.allow_pickle or None,
              'model_kwargs': None if args.model_kwargs is None else parse_kwargs(args.model_kwargs)}
     return {key: value for key, value in given.items() if value is not None}
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """The data option group of the evaluation commands (``eval``, ``certify``): ``--dataset``,
+    ``--data-dir``, ``--download``, ``--split``, ``--n-ex``, ``--image-size``."""
+    g = parser.add_argument_group('data')
+    g.add_argument('--dataset', default='cifar10',
+                   help='cifar10, cifar100, cifar10-jpeg, tiny-imagenet, imagefolder, fashion-mnist, '
+                        'fashion-mnist-small')
+    g.add_argument('--data-dir', default=None, help='where the dataset is (default: $TIMM_EDL_DATA_DIR or .data)')
+    g.add_argument('--download', action='store_true',
+                   help='download cifar10 / cifar100 / fashion-mnist through torchvision if absent (needs network)')
+    g.add_argument('--split', default='test', help="held-out split ('val' for tiny-imagenet / image folders)")
+    g.add_argument('--n-ex', type=int, default=None, help='first n test points, in order (default: all)')
+    g.add_argument('--image-size', type=int, default=None, help='resize + centre-crop images (image folders)')

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .args import add_model_options, model_options
+from .args import add_data_options, add_model_options, model_options
 from .errors import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, UsageError, run
 
 __all__ = ['main', 'build_parser', 'STATE_DIR']
@@ -43,16 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                     'Resumable: rerun the same command after an interruption.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='cifar10',
-                   help='cifar10, cifar100, cifar10-jpeg, tiny-imagenet, imagefolder, fashion-mnist, '
-                        'fashion-mnist-small')
-    g.add_argument('--data-dir', default=None, help='where the dataset is (default: $TIMM_EDL_DATA_DIR or .data)')
-    g.add_argument('--download', action='store_true',
-                   help='download cifar10 / cifar100 / fashion-mnist through torchvision if absent (needs network)')
-    g.add_argument('--split', default='test', help="held-out split ('val' for tiny-imagenet / image folders)")
-    g.add_argument('--n-ex', type=int, default=None, help='first n test points, in order (default: all)')
-    g.add_argument('--image-size', type=int, default=None, help='resize + centre-crop images (image folders)')
+    add_data_options(p)
     g = p.add_argument_group('smoothing')
     g.add_argument('--sigma', type=float, required=True,
                    help='standard deviation of the Gaussian noise, on [0, 1] pixels (e.g. 0.12, 0.25, 0.5)')

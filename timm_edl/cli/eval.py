@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Set
 
-from .args import add_model_options, model_options
+from .args import add_data_options, add_model_options, model_options
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, fail, usage_errors
 
 __all__ = ['main', 'build_parser']
@@ -38,16 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                     'EDLNet model, with checks that flag gradient masking and other sources of false robustness.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_options(p)
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='cifar10',
-                   help='cifar10, cifar100, cifar10-jpeg, tiny-imagenet, imagefolder, fashion-mnist, '
-                        'fashion-mnist-small')
-    g.add_argument('--data-dir', default=None, help='where the dataset is (default: $TIMM_EDL_DATA_DIR or .data)')
-    g.add_argument('--download', action='store_true',
-                   help='download cifar10 / cifar100 / fashion-mnist through torchvision if absent (needs network)')
-    g.add_argument('--split', default='test', help="held-out split ('val' for tiny-imagenet / image folders)")
-    g.add_argument('--n-ex', type=int, default=None, help='first n test points, in order (default: all)')
-    g.add_argument('--image-size', type=int, default=None, help='resize + centre-crop images (image folders)')
+    add_data_options(p)
     g = p.add_argument_group('threat model')
     g.add_argument('--threat-model', default='Linf',
                    help="Linf, L2 or L1; or 'corruptions': accuracy under the 15 common corruptions x 5 severities "
