@@ -12,6 +12,10 @@ project's own commands, each step writing into the pair's committed folder
   their per-chunk state in that folder (``.autoattack-state/``, ``.certify-state/``), so a
   stopped run loses at most one chunk.
 
+Arms run side by side (``--jobs``) and share the cores (``--cores``): each command gets an
+equal part, and when one arm has nothing more to do, the other's training stops at its next
+optimizer step (Ctrl-C's stop, state saved) and resumes on all of them.
+
 ``--budget-min`` stops the run after that many minutes: training stops at a step boundary
 (its ``time_budget_min``), an evaluation at the end of a chunk; rerun the same command to go on.
 When every step of both arms is done, ``experiments/zoo_ship.py`` exports each model by ``timm-edl export`` with its
@@ -37,12 +41,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from _jobs import REPO
+from timm_edl.cli.errors import EXIT_INTERRUPTED
 
 ARMS = ('edl', 'conv')
 EVAL_COMMON = ('--seed', '0', '--device', 'cpu', '--no-progress')
@@ -149,21 +155,47 @@ def _interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _run(argv: list[str], log: Path, deadline: float | None) -> int:
-    """Run ``timm-edl`` with ``argv`` on one thread, output appended to ``log``; at ``deadline``
-    it gets SIGINT (it stops at a chunk boundary, its state saved) and its exit status is returned."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+class Lanes:
+    """The CPU cores shared by the arms worked on side by side: a command started now gets
+    ``cores // (arms working now)`` threads, so an arm left alone gets them all."""
+
+    def __init__(self, cores: int, jobs: int, arms: int):
+        self.cores, self.jobs, self.left = max(1, cores), max(1, jobs), arms
+        self._lock = threading.Lock()
+
+    def threads(self) -> int:
+        with self._lock:
+            return max(1, self.cores // max(1, min(self.jobs, self.left)))
+
+    def finish(self) -> None:
+        """One arm has nothing more to run (done, or stopped until the next run)."""
+        with self._lock:
+            self.left -= 1
+
+
+POLL_S = 5.0  # how often a running command is checked for the deadline and for freed cores
+
+
+def _run(argv: list[str], log: Path, deadline: float | None, threads: int = 1, restart=None) -> int:
+    """Run ``timm-edl`` with ``argv`` on ``threads`` threads, output appended to ``log``, and
+    return its exit status.  It gets SIGINT (Ctrl-C's: it stops at a chunk boundary or an
+    optimizer step, its state saved, exit 130) at ``deadline`` or as soon as ``restart()`` is true."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE='1')
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, 'a') as f:
-        f.write(f"\n$ timm-edl {shlex.join(argv)}  # {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC\n")
+        f.write(f"\n$ timm-edl {shlex.join(argv)}  # {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC, "
+                f"{threads} thread(s)\n")
         f.flush()
         proc = subprocess.Popen([sys.executable, '-m', 'timm_edl.cli', *argv], cwd=REPO, env=env, stdout=f,
                                 stderr=subprocess.STDOUT, preexec_fn=_interruptible)
         try:
-            return proc.wait(timeout=None if deadline is None else max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
-            return proc.wait()
+            while True:
+                try:
+                    return proc.wait(timeout=POLL_S)
+                except subprocess.TimeoutExpired:
+                    if (deadline is not None and time.time() >= deadline) or (restart is not None and restart()):
+                        proc.send_signal(signal.SIGINT)
+                        return proc.wait()
         except BaseException:
             proc.send_signal(signal.SIGINT)
             proc.wait()
@@ -200,15 +232,23 @@ def model_folder(pair: Pair, arm: str, root: Path | None, zoo_dir: Path, work: P
     return final_folder(train_dir(pair, arm, root) / 'best', zoo_dir / f'{pair.name(arm)}.safetensors', work)
 
 
-def work_arm(pair: Pair, arm: str, args: argparse.Namespace, deadline: float | None, log) -> bool:
-    """Train, then run every evaluation step of one arm; True when all are done."""
+def work_arm(pair: Pair, arm: str, args: argparse.Namespace, deadline: float | None, log,
+             lanes: Lanes | None = None) -> bool:
+    """Train, then run every evaluation step of one arm; True when all are done.  A training
+    run is stopped and resumed on more threads when another arm frees its cores (a run resumed
+    on other threads is not bitwise the one it would have been: float sums are ordered differently)."""
     root, logs = args.cache_root, cache_dir(pair, args.cache_root) / 'logs'
-    if not training_done(train_dir(pair, arm, root)):
+    lanes = lanes or Lanes(1, 1, 1)
+    while not training_done(train_dir(pair, arm, root)):
         minutes = None if deadline is None else (deadline - time.time()) / 60
         if minutes is not None and minutes < 2:
             return False
-        log(f"{pair.key}/{arm}: training")
-        rc = _run(train_argv(pair, arm, root, minutes), logs / f'{arm}_train.log', None)
+        threads = lanes.threads()
+        log(f"{pair.key}/{arm}: training on {threads} thread(s)")
+        rc = _run(train_argv(pair, arm, root, minutes), logs / f'{arm}_train.log', None, threads,
+                  restart=lambda: lanes.threads() > threads)
+        if rc == EXIT_INTERRUPTED and lanes.threads() > threads:
+            continue  # its state is saved: go on with the freed cores
         if rc != 0 or not training_done(train_dir(pair, arm, root)):
             log(f"{pair.key}/{arm}: training not finished (exit {rc}); rerun to continue")
             return False
@@ -218,8 +258,9 @@ def work_arm(pair: Pair, arm: str, args: argparse.Namespace, deadline: float | N
         if deadline is not None and deadline - time.time() < 60:
             return False
         model = model_folder(pair, arm, root, args.zoo_dir, args.run_dir / pair.key / arm / 'model')
-        log(f"{pair.key}/{arm}: {step.name}")
-        rc = _run(step_argv(pair, arm, step, model, root), logs / f'{arm}_{step.name}.log', deadline)
+        threads = lanes.threads()
+        log(f"{pair.key}/{arm}: {step.name} on {threads} thread(s)")
+        rc = _run(step_argv(pair, arm, step, model, root), logs / f'{arm}_{step.name}.log', deadline, threads)
         if rc != 0:
             log(f"{pair.key}/{arm}: {step.name} stopped (exit {rc}); its state is kept, rerun to continue")
             return False
@@ -230,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--pair', choices=sorted(PAIRS), action='append', help='pairs to work on (default: all)')
     p.add_argument('--budget-min', type=float, default=None, help='stop after this many minutes; rerun to go on')
-    p.add_argument('--jobs', type=int, default=2, help='arms worked on side by side (one thread each)')
+    p.add_argument('--jobs', type=int, default=2, help='arms worked on side by side')
+    p.add_argument('--cores', type=int, default=len(os.sched_getaffinity(0)),
+                   help='threads shared by the arms at work (default: the cores this process may use)')
     p.add_argument('--status', action='store_true', help='print what is done and exit')
     p.add_argument('--cache-root', type=Path, default=None, help='default: experiments/cache/zoo/cpu')
     p.add_argument('--run-dir', type=Path, default=REPO / 'runs' / 'zoo' / 'pairs')
@@ -254,9 +297,20 @@ def main(argv: list[str] | None = None) -> int:
             print(pair.key, json.dumps(status(pair, args.cache_root)))
         return 0
     deadline = None if args.budget_min is None else time.time() + 60 * args.budget_min
-    work = [(pair, arm) for pair in pairs for arm in ARMS]
+    todo = {(pair.key, arm) for pair in pairs for arm, steps in status(pair, args.cache_root).items()
+            if not all(steps.values())}
+    work = [(pair, arm) for pair in pairs for arm in ARMS if (pair.key, arm) in todo]
+    lanes = Lanes(args.cores, args.jobs, len(work))
+
+    def work_on(pair: Pair, arm: str) -> bool:
+        try:
+            return work_arm(pair, arm, args, deadline, log, lanes)
+        finally:
+            lanes.finish()
+
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        done = list(pool.map(lambda pa: work_arm(*pa, args, deadline, log), work))
+        done = list(pool.map(lambda pa: work_on(*pa), work))
+    done += [True] * (len(pairs) * len(ARMS) - len(work))
     log(f"arms done: {sum(done)} of {len(done)}; ship them with experiments/zoo_ship.py")
     return 0
 

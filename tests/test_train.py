@@ -5,9 +5,11 @@ CPU processes, and the user-facing errors.
 Every run uses a tiny EDLNet (a few thousand parameters, ImageNet stem so 28x28 inputs
 shrink to 7x7 at once) on the embedded Fashion-MNIST subset, so nothing is downloaded.
 """
+import contextlib
 import csv
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -567,6 +569,61 @@ def test_time_budget_stops_saves_and_resumes(reference_run, tmp_path):
     assert 'stopped on the time budget' in (out / 'log.txt').read_text()
     assert main(['--resume', '--output', str(out), '--time-budget-min', 'null']) == 0
     _compare_runs(reference_run, out)
+
+
+@contextlib.contextmanager
+def sigint_on_step(monkeypatch, step: int, times: int = 1, handler=signal.default_int_handler):
+    """A real SIGINT sent to this process ``times`` times as optimizer step ``step`` starts,
+    with SIGINT's handler ``handler`` while the block runs (the test runner's may differ)."""
+    import timm_edl.train.loop as loop
+    original, calls = loop.train_step, []
+
+    def signalling_step(run, epoch, x, y):
+        calls.append(1)
+        if len(calls) == step:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        original(run, epoch, x, y)
+
+    monkeypatch.setattr(loop, 'train_step', signalling_step)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+        assert signal.getsignal(signal.SIGINT) is handler  # put back by the run
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize('step', [3, STEPS_PER_EPOCH])
+def test_ctrl_c_stops_at_the_next_optimizer_step_saves_and_resumes(reference_run, tmp_path, monkeypatch, capsys,
+                                                                   step):
+    """Ctrl-C during step 3 (mid-epoch) or the epoch's last step (then the epoch is validated
+    first): the run stops after that step with its state and final/ saved, exits 130 saying
+    how to go on, and --resume ends with the weights of the uninterrupted run."""
+    out = tmp_path / 'run'
+    args = tiny_args(out, elastic_from_epoch=1, model_ema='true', save_every_steps=100)
+    with sigint_on_step(monkeypatch, step):
+        assert main(args) == 130
+    assert f'interrupted after {step} optimizer steps' in capsys.readouterr().err
+    progress = json.loads((out / 'checkpoints' / f'step_{step:09d}' / 'progress.json').read_text())
+    assert progress['stopped'] == 'interrupted'
+    assert (out / 'final' / 'model.safetensors').is_file()
+    assert 'stopped on Ctrl-C' in (out / 'log.txt').read_text()
+    summary = out / 'summary.csv'
+    assert (len(read_summary(summary)) if summary.exists() else 0) == step // STEPS_PER_EPOCH  # validated epochs
+    monkeypatch.undo()
+    assert main(['--resume', '--output', str(out)]) == 0
+    _compare_runs(reference_run, out)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_an_ignored_one_changes_nothing(tmp_path, monkeypatch):
+    out = tmp_path / 'twice'
+    with pytest.raises(KeyboardInterrupt), sigint_on_step(monkeypatch, 2, times=2):
+        train(tiny_config(out, epochs=1))
+    assert not (out / 'checkpoints').exists() or not any((out / 'checkpoints').iterdir())
+    with sigint_on_step(monkeypatch, 2, handler=signal.SIG_IGN):  # a background job's SIGINT
+        result = train(tiny_config(tmp_path / 'ignored', epochs=1))
+    assert result.completed and result.global_update == STEPS_PER_EPOCH
 
 
 def test_best_epoch_is_the_one_with_the_best_held_out_pgd_accuracy(tmp_path, monkeypatch):

@@ -118,3 +118,37 @@ def test_a_step_past_the_deadline_stops_at_a_chunk_even_when_the_driver_ignores_
     assert rc == 130, (tmp_path / 'log.txt').read_text()[-2000:]
     assert time.time() - started < 120
     assert list((out / '.certify-state').glob('certify-*.json'))  # the finished chunks are kept
+
+
+def test_cores_are_shared_by_the_arms_at_work():
+    lanes = zoo_pairs.Lanes(cores=2, jobs=2, arms=2)
+    assert lanes.threads() == 1
+    lanes.finish()
+    assert lanes.threads() == 2
+    assert zoo_pairs.Lanes(cores=2, jobs=1, arms=2).threads() == 2  # one arm at a time gets every core
+    assert zoo_pairs.Lanes(cores=4, jobs=2, arms=4).threads() == 2
+    assert zoo_pairs.Lanes(cores=1, jobs=2, arms=2).threads() == 1
+
+
+def test_a_training_restarted_for_freed_cores_stops_at_a_step_and_resumes(tmp_path, monkeypatch):
+    """The driver stops a training run when cores are freed (SIGINT once its first state is
+    saved): it stops at an optimizer step with its state saved (exit 130), and the rerun on
+    more threads continues from there to the end."""
+    monkeypatch.setattr(zoo_pairs, 'POLL_S', 0.2)
+    recipe = tmp_path / 'toy.yaml'
+    recipe.write_text(RECIPE.replace('epochs: 2', 'epochs: 8').replace('val_every: 1', 'val_every: 8')
+                      .replace('save_every_steps: 2', 'save_every_steps: 1'))
+    out = tmp_path / 'run'
+    argv = ['train', '--config', str(recipe), '--output', str(out), '--progress', 'never']
+    saved = lambda: (out / 'checkpoints').is_dir() and any((out / 'checkpoints').iterdir())  # noqa: E731
+    rc = zoo_pairs._run(argv, tmp_path / 'log.txt', None, threads=1, restart=saved)
+    log = (tmp_path / 'log.txt').read_text()
+    assert rc == 130, log[-2000:]
+    assert 'stopped on Ctrl-C after' in (out / 'log.txt').read_text()
+    stopped = json.loads(max((out / 'checkpoints').iterdir()).joinpath('progress.json').read_text())
+    assert stopped['stopped'] == 'interrupted' and 0 < stopped['global_update'] < 8 * 3
+    rc = zoo_pairs._run(['train', '--resume', '--output', str(out), '--progress', 'never'], tmp_path / 'log.txt',
+                        None, threads=2)
+    assert rc == 0 and zoo_pairs.training_done(out)
+    assert '1 thread(s)' in log and (tmp_path / 'log.txt').read_text().count('2 thread(s)') == 1
+    assert f"resumed from {out / 'checkpoints'}" in (out / 'log.txt').read_text()

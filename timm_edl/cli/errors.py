@@ -13,7 +13,8 @@ One rule for all commands (``train``, ``eval``, ``certify``, ``export``, ``push`
 * ``75``: stopped unfinished on purpose, its progress saved: ``certify --time-budget-min``
   reached a chunk boundary with points left (rerun the same command to continue; 75 is
   ``EX_TEMPFAIL`` of ``sysexits.h``, "try again later").
-* ``130``: interrupted (``eval`` resumes AutoAttack and ``certify`` its finished chunks when rerun).
+* ``130``: interrupted (``train --resume`` continues from the state a first Ctrl-C saved at the next
+  optimizer step; ``eval`` resumes AutoAttack and ``certify`` its finished chunks when rerun).
 
 Errors are one line on stderr, ``timm-edl <command>: error: <message>``, written by
 :func:`fail`; :func:`run` calls a command's body and maps its exceptions to the status:

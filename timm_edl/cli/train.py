@@ -13,9 +13,11 @@ shared by every command (:func:`timm_edl.cli.args.add_model_options`: ``--model`
 ``model``, ``model_kwargs`` (the whole mapping), ``checkpoint`` and ``allow_pickle``; they
 apply before the ``--key value`` overrides, so ``--model-kwargs.KEY value`` adds to them.
 ``--arch`` is refused: a run builds ``model`` and loads ``--checkpoint`` into it.  Exit
-status as for every command (:mod:`timm_edl.cli.errors`): 0 done, 1 the run stopped
-before its end (``stop_after_steps``), 2 a usage error (bad recipe key or value, unknown
-model, missing dataset, output folder in use).
+status as for every command (:mod:`timm_edl.cli.errors`): 0 done (or stopped on
+``time_budget_min`` with its state saved), 1 the run stopped before its end
+(``stop_after_steps``), 2 a usage error (bad recipe key or value, unknown model, missing
+dataset, output folder in use), 130 stopped by Ctrl-C at an optimizer step, its state saved
+(a second Ctrl-C stops at once, losing the steps since the last save).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from ..train.config import (
     apply_overrides, build_config, config_keys, config_to_dict, load_config, parse_overrides, read_recipe,
 )
 from .args import add_model_options, model_options
-from .errors import CommandFailed, UsageError, run
+from .errors import EXIT_INTERRUPTED, CommandFailed, UsageError, run
 
 __all__ = ['main', 'resolve_config', 'model_values']
 
@@ -102,4 +104,8 @@ def _main(args: argparse.Namespace, rest: List[str]) -> int:
     if result.stop_reason == 'stop_after_steps':  # a time-budget stop is a clean stop
         raise CommandFailed(f"the run stopped after {cfg.stop_after_steps} optimizer steps (stop_after_steps) "
                             f"before its end; continue it with --resume --output {cfg.output}")
+    if result.stop_reason == 'interrupted':
+        print(f"timm-edl train: interrupted after {result.global_update} optimizer steps, state saved; continue "
+              f"with: timm-edl train --resume --output {cfg.output}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

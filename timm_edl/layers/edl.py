@@ -368,6 +368,12 @@ class EDLConv2d(nn.Module):
             return operator_norm_sq(weight, in_size, self.stride, self.padding, num_iters, init, min_iters)
 
     @torch.jit.unused
+    def lipschitz_is_current(self) -> bool:
+        """Whether the cached ``L`` was computed for the weights as they are now (the next
+        forward at that input size reuses it rather than refreshing it)."""
+        return self._cache_key[0] > 0 and self._cache_key[2:] == self._weight_identity()
+
+    @torch.jit.unused
     def _weight_identity(self) -> List[int]:
         """(in-place version counter, storage address) of the weight: changes on every update."""
         return [int(self.weight._version), int(self.weight.data_ptr())]

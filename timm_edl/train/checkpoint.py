@@ -54,8 +54,9 @@ class TrainState:
         self.epoch_time = 0.0
         self.best_metric: Optional[float] = None
         self.best_epoch: Optional[int] = None
-        self.stopped: Optional[str] = None  # 'time_budget' when the run stopped on time_budget_min
+        self.stopped: Optional[str] = None  # 'time_budget' / 'interrupted': why the run stopped early
         self._edl_vectors: Dict[str, torch.Tensor] = {}
+        self._edl_current: set = set()
 
     def zero_sums(self) -> torch.Tensor:
         return torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
@@ -73,12 +74,14 @@ class TrainState:
         self.epoch_time = 0.0
 
     def state_dict(self) -> Dict[str, Any]:
-        vectors = {}
+        vectors, current = {}, []
         for prefix, model in self.models.items():
             for name, layer in edl_layers(model):
                 vectors[f'{prefix}:{name}'] = layer.power_vector.detach().cpu().clone()
+                if layer.lipschitz_is_current():
+                    current.append(f'{prefix}:{name}')
         return dict(self.progress(), sums=dict(zip(SUMS, self.sums.tolist())), epoch_time=self.epoch_time,
-                    edl_power_vectors=vectors)
+                    edl_power_vectors=vectors, edl_lipschitz_current=current)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         for key in ('epoch', 'step_in_epoch', 'global_update', 'eval_pending', 'best_metric', 'best_epoch',
@@ -86,19 +89,22 @@ class TrainState:
             setattr(self, key, state[key])
         self.sums = torch.tensor([state['sums'][k] for k in SUMS], dtype=torch.float64, device=self.device)
         self._edl_vectors = dict(state['edl_power_vectors'])
+        self._edl_current = set(state.get('edl_lipschitz_current', ()))  # states saved before it: none
 
     def restore_edl_caches(self) -> None:
         """After ``load_state``: give every EDL layer its saved power-iteration vector and
-        mark its cached L stale (states are saved right after an optimizer step, whose
-        weight update the uninterrupted run would have refreshed L for, warm-started)."""
+        mark its cached L stale where it was stale at the save (a state saved right after an
+        optimizer step, whose weight update the uninterrupted run refreshes L for, warm-started);
+        an L that was current (the epoch's validation ran since the step) stays in use."""
         for prefix, model in self.models.items():
             for name, layer in edl_layers(model):
                 vector = self._edl_vectors.get(f'{prefix}:{name}')
                 if vector is not None:  # empty: L was never computed; a cold start follows, as it would have
                     layer.power_vector = vector.to(layer.weight.device)
-                with torch.no_grad():
-                    layer.weight.add_(0)  # bump the version counter: the cached L gets refreshed
-        self._edl_vectors = {}
+                if f'{prefix}:{name}' not in self._edl_current:
+                    with torch.no_grad():
+                        layer.weight.add_(0)  # bump the version counter: the cached L gets refreshed
+        self._edl_vectors, self._edl_current = {}, set()
 
 
 def latest_checkpoint(output: Union[str, Path]) -> Optional[Path]:

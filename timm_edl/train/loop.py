@@ -11,8 +11,8 @@ Under DDP, parameters that were frozen when the model was wrapped (beta, until t
 stage) are not reduced by DDP: their gradients are averaged here.
 
 The epoch's metric sums stay on the device (read at the epoch's end and at saves), so a step
-reads nothing back to the host for them; ``time_budget_min`` is checked on the host clock
-after every optimizer step (under several processes the ranks agree on it by a reduction).
+reads nothing back to the host for them; ``time_budget_min`` (on the host clock) and a Ctrl-C
+are checked after every optimizer step (under several processes the ranks agree by a reduction).
 """
 from __future__ import annotations
 
@@ -72,15 +72,17 @@ class Run:
     attack_generator: Optional[torch.Generator] = None
     noise_generator: Optional[torch.Generator] = None
     deadline: Optional[float] = None  # time.time() at which time_budget_min is used up
+    interrupted: bool = False         # set by the first Ctrl-C (see trainer.stop_on_ctrl_c)
 
-    def out_of_time(self) -> bool:
-        """Whether ``time_budget_min`` is used up (the same answer on every process)."""
-        if self.deadline is None:
-            return False
-        late = time.time() >= self.deadline
-        if self.accelerator.num_processes > 1:  # one rank's clock decides for all
-            late = bool(self.accelerator.reduce(torch.tensor(float(late), device=self.accelerator.device), 'sum'))
-        return late
+    def stop_requested(self) -> Optional[str]:
+        """'interrupted' after a first Ctrl-C, 'time_budget' once ``time_budget_min`` is used
+        up, else None (the same answer on every process: one rank's flag decides for all)."""
+        flags = [self.interrupted, self.deadline is not None and time.time() >= self.deadline]
+        if self.accelerator.num_processes > 1:
+            summed = self.accelerator.reduce(torch.tensor(flags, dtype=torch.float32, device=self.accelerator.device),
+                                             'sum')
+            flags = [bool(v > 0) for v in summed.tolist()]
+        return 'interrupted' if flags[0] else 'time_budget' if flags[1] else None
 
     def save(self) -> None:
         """Bank the epoch's time and save the state."""
@@ -127,7 +129,7 @@ def _batches(run: Run, epoch: int, skip: int):
 
 def train_one_epoch(run: Run, epoch: int) -> Optional[str]:
     """Train the rest of ``epoch``; returns why it stopped early ('stop_after_steps',
-    'time_budget'), None when the epoch is done."""
+    'time_budget', 'interrupted'), None when the epoch is done."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     run.model.train()
     skip = state.step_in_epoch
@@ -152,8 +154,10 @@ def train_one_epoch(run: Run, epoch: int) -> Optional[str]:
                 run.save()
             if cfg.stop_after_steps is not None and state.global_update >= cfg.stop_after_steps:
                 return 'stop_after_steps'
-            if run.out_of_time() and state.step_in_epoch < len(run.train_loader):
-                return 'time_budget'
+            if state.step_in_epoch < len(run.train_loader):
+                stop = run.stop_requested()
+                if stop:
+                    return stop
     return None
 
 

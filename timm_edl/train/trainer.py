@@ -21,7 +21,8 @@ Speed keys: ``data_on_device`` (:class:`~.data.DeviceBatches` instead of a data 
 ``channels_last``, ``compile`` (accelerate's ``TorchDynamoPlugin``; the attacks are crafted
 on the unwrapped model compiled the same way), ``mixed_precision``.  ``time_budget_min``
 stops the run at an optimizer step once that much wall time (from the call of :func:`train`)
-has passed: the state is saved, ``final/`` exported and ``--resume`` continues it.
+has passed: the state is saved, ``final/`` exported and ``--resume`` continues it.  A Ctrl-C
+does the same at the next optimizer step (:func:`stop_on_ctrl_c`); a second one stops at once.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import contextlib
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +67,7 @@ class TrainResult:
     model: nn.Module                       # the trained model (unwrapped, on the training device)
     ema: Optional[nn.Module] = None
     completed: bool = True                 # False when stopped before the last epoch
-    stop_reason: Optional[str] = None      # 'time_budget' or 'stop_after_steps' when stopped early
+    stop_reason: Optional[str] = None      # 'time_budget', 'interrupted' or 'stop_after_steps' when stopped early
     global_update: int = 0
     last_eval: Dict[str, float] = field(default_factory=dict)
     best_metric: Optional[float] = None
@@ -96,28 +99,55 @@ def open_run(cfg: TrainConfig, *, resume: Union[None, bool, str] = None, overwri
             reset_accelerate_state()
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c(run: Run) -> Iterator[None]:
+    """The first Ctrl-C (SIGINT) asks the run to stop after the current optimizer step (or
+    the epoch's validation) with its state saved; a second one raises ``KeyboardInterrupt``
+    at once.  Left as it is where SIGINT is ignored (a background job) or off the main thread."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        if run.interrupted:
+            raise KeyboardInterrupt
+        run.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+_STOPPED = {'time_budget': lambda cfg: f"on the time budget ({cfg.time_budget_min:g} min)",
+            'interrupted': lambda cfg: "on Ctrl-C"}
+
+
 def _train(run: Run) -> TrainResult:
     cfg, state, stop = run.cfg, run.state, None
-    for epoch in range(state.epoch, cfg.epochs):
-        start_epoch(run, epoch)
-        if not state.eval_pending:
-            stop = train_one_epoch(run, epoch)
-            if stop == 'stop_after_steps':  # a simulated crash: nothing saved
-                run.log(f"stopped after {state.global_update} optimizer steps (stop_after_steps); continue "
-                        f"with --resume")
-                break
-            state.eval_pending, state.stopped = stop is None, stop
-            run.save()
-        if stop is None:
-            finish_epoch(run, epoch)
-            if epoch + 1 < cfg.epochs and run.out_of_time():
-                stop = state.stopped = 'time_budget'
+    with stop_on_ctrl_c(run):
+        for epoch in range(state.epoch, cfg.epochs):
+            start_epoch(run, epoch)
+            if not state.eval_pending:
+                stop = train_one_epoch(run, epoch)
+                if stop == 'stop_after_steps':  # a simulated crash: nothing saved
+                    run.log(f"stopped after {state.global_update} optimizer steps (stop_after_steps); continue "
+                            f"with --resume")
+                    break
+                state.eval_pending, state.stopped = stop is None, stop
                 run.save()
-        if stop:
-            run.log(f"stopped on the time budget ({cfg.time_budget_min:g} min) after {state.global_update} "
-                    f"optimizer steps (epoch {state.epoch + 1}, batch {state.step_in_epoch}); state saved, "
-                    f"continue with --resume")
-            break
+            if stop is None:
+                finish_epoch(run, epoch)
+                if epoch + 1 < cfg.epochs:
+                    stop = state.stopped = run.stop_requested()
+                    if stop:
+                        run.save()
+            if stop:
+                run.log(f"stopped {_STOPPED[stop](cfg)} after {state.global_update} optimizer steps (epoch "
+                        f"{state.epoch + 1}, batch {state.step_in_epoch}); state saved, continue with --resume")
+                break
     if stop != 'stop_after_steps':
         export_final(run)
     return TrainResult(
