@@ -61,6 +61,7 @@ class Step:
     command: str                  # 'eval' or 'certify'
     args: tuple[str, ...]
     edl_args: tuple[str, ...] = ()  # added for the EDLNet only (e.g. the transfer check from its twin)
+    min_minutes: float = 0.0      # not started with less time left (a step that cannot resume part-way)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,7 @@ PAIRS = {p.key: p for p in (
          {'edl': 'edlnet_resnet20', 'conv': 'edlnet_resnet20_conv'},
          'recipes/edlnet_resnet20_cifar10_jpeg_fast.yaml',
          (Step('full', 'eval', _LINF + ('--attacks', 'pgd', '--pgd-steps', '20', '--no-checks',
-                                        '--batch-size', '500')),
+                                        '--batch-size', '500'), min_minutes=45),
           Step('aa', 'eval', _LINF + ('--attacks', 'noise,pgd,autoattack', '--pgd-steps', '20', '--n-ex', '1000',
                                       '--batch-size', '100', '--check-n', '200', '--grad-points', '4',
                                       '--grad-dirs', '16', '--eps-sweep', '0,4/255,8/255,16/255',
@@ -255,7 +256,8 @@ def work_arm(pair: Pair, arm: str, args: argparse.Namespace, deadline: float | N
     for step in pair.steps:
         if step_json(eval_dir(pair, arm, step, root)) is not None:
             continue
-        if deadline is not None and deadline - time.time() < 60:
+        if deadline is not None and deadline - time.time() < 60 * max(1.0, step.min_minutes):
+            log(f"{pair.key}/{arm}: {step.name} left for the next run (it needs {max(1.0, step.min_minutes):g} min)")
             return False
         model = model_folder(pair, arm, root, args.zoo_dir, args.run_dir / pair.key / arm / 'model')
         threads = lanes.threads()

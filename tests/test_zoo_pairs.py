@@ -2,8 +2,10 @@
 an EDLNet and its registered conv twin trained (Gaussian-noise training), evaluated (clean,
 certified) and shipped from their folders; a rerun does nothing more; the shipped weights are
 kept once (the package copy) and shipping again from it writes the same cards."""
+import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import safetensors.torch
@@ -73,6 +75,12 @@ def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path):
     logs = zoo_pairs.cache_dir(pair, args.cache_root) / 'logs'
     before = {p.name: p.read_text() for p in logs.iterdir()}
     assert zoo_pairs.work_arm(pair, 'edl', args, None, messages.append)
+    assert {p.name: p.read_text() for p in logs.iterdir()} == before
+
+    # a step that cannot resume part-way is not started with less time left than it needs
+    longer = dataclasses.replace(pair, steps=pair.steps + (zoo_pairs.Step('long', 'eval', (), min_minutes=30),))
+    assert not zoo_pairs.work_arm(longer, 'edl', args, time.time() + 600, messages.append)
+    assert 'long left for the next run (it needs 30 min)' in messages[-1]
     assert {p.name: p.read_text() for p in logs.iterdir()} == before
 
     best = zoo_pairs.train_dir(pair, 'edl', args.cache_root) / 'best' / 'model.safetensors'
