@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from _jobs import REPO, git_commit, machine_info
 from _paired import bits, paired_rows, paired_table, verdict
 from _sections import write_section
 from zoo import drop_cached_weights, final_folder
-from zoo_pairs import ARMS, PAIRS, Pair, build_parser, eval_dir, status, step_json, train_dir
+from zoo_pairs import ARMS, PAIRS, Pair, build_parser, cache_dir, eval_dir, status, step_json, train_dir
 
 SECTION = 'zoo-pairs'
 OTHER = {'edl': 'conv', 'conv': 'edl'}
@@ -41,13 +42,16 @@ def reports(pair: Pair, arm: str, root: Path | None) -> dict[str, tuple[Path, di
     return out
 
 
-def training_summary(folder: Path) -> dict[str, Any]:
-    """Epochs, best epoch and the summed epoch times of a run folder (``summary.csv``)."""
+def training_summary(folder: Path, log: Path | None = None) -> dict[str, Any]:
+    """Epochs, best epoch and the summed epoch times of a run folder (``summary.csv``), and the
+    most threads any of its runs had (from the command lines ``zoo_pairs`` wrote to ``log``)."""
     with open(folder / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
     best = json.loads((folder / 'best' / 'config.json').read_text())['timm_edl'].get('evaluation') or [{}]
+    text = log.read_text() if log is not None and log.is_file() else ''
+    threads = max([1, *(int(n) for n in re.findall(r'^\$ timm-edl .*, (\d+) thread\(s\)$', text, re.M))])
     return {'epochs': len(rows), 'train_seconds': sum(float(r['train_epoch_time']) for r in rows),
-            'rows': rows, 'best': best[0], 'folder': folder}
+            'rows': rows, 'best': best[0], 'folder': folder, 'max_threads': threads}
 
 
 
@@ -72,7 +76,10 @@ def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tup
              + (f" --model {pair.archs[arm]}`" if arm != 'edl' else '`')
              + f" ({pair.about}); run by `make zoo` (`experiments/zoo_pairs.py`, resumable).",
              f"- {train['epochs']} epochs, {train['train_seconds'] / 3600:.1f} h of training steps (sum of the epoch "
-             f"times) on {machine_info().get('cpu', 'a CPU')}, one thread, no GPU.",
+             f"times) on {machine_info().get('cpu', 'a CPU')}, "
+             + ("one thread" if train['max_threads'] == 1 else
+                f"one thread while its twin trained beside it, then {train['max_threads']} threads")
+             + ", no GPU.",
              f"- The weights are the epoch with the best {picked} on a hold-out of {cfg.get('val_n_ex'):,} training "
              f"images never trained on (there: clean {100 * best.get('clean_acc', float('nan')):.1f} %). The test set "
              "selected nothing.", '']
@@ -103,7 +110,7 @@ def ship_arm(pair: Pair, arm: str, args, log) -> dict[str, Any]:
     best = train_dir(pair, arm, root) / 'best'
     source = final_folder(best, target, work / 'model')
     evals, others = reports(pair, arm, root), reports(pair, OTHER[arm], root)
-    train = training_summary(train_dir(pair, arm, root))
+    train = training_summary(train_dir(pair, arm, root), cache_dir(pair, root) / 'logs' / f'{arm}_train.log')
     notes = work / 'card_notes.md'
     work.mkdir(parents=True, exist_ok=True)
     edl_conv = (evals, others) if arm == 'edl' else (others, evals)
