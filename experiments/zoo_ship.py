@@ -101,6 +101,25 @@ def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tup
     return '\n'.join(lines)
 
 
+def _training(pair: Pair, arm: str, root: Path | None) -> dict[str, Any]:
+    return training_summary(train_dir(pair, arm, root), cache_dir(pair, root) / 'logs' / f'{arm}_train.log')
+
+
+def _manifest(args) -> dict[str, Any]:
+    manifest = args.zoo_dir / 'manifest.json'
+    return json.loads(manifest.read_text()) if manifest.exists() else {}
+
+
+def shipped_before(pair: Pair, args) -> dict[str, dict[str, Any]] | None:
+    """Both arms of a pair as shipped earlier (in the manifest, every step in the cache), read
+    back without exporting anything; None if the pair is not shipped."""
+    entries, state = _manifest(args), status(pair, args.cache_root)
+    if not all(pair.name(arm) in entries and all(state[arm].values()) for arm in ARMS):
+        return None
+    return {arm: {'name': pair.name(arm), 'evals': reports(pair, arm, args.cache_root),
+                  'train': _training(pair, arm, args.cache_root), 'entry': entries[pair.name(arm)]} for arm in ARMS}
+
+
 def ship_arm(pair: Pair, arm: str, args, log) -> dict[str, Any]:
     from timm_edl.cli.export import main as export_main
     from timm_edl.weights import file_sha256
@@ -110,7 +129,7 @@ def ship_arm(pair: Pair, arm: str, args, log) -> dict[str, Any]:
     best = train_dir(pair, arm, root) / 'best'
     source = final_folder(best, target, work / 'model')
     evals, others = reports(pair, arm, root), reports(pair, OTHER[arm], root)
-    train = training_summary(train_dir(pair, arm, root), cache_dir(pair, root) / 'logs' / f'{arm}_train.log')
+    train = _training(pair, arm, root)
     notes = work / 'card_notes.md'
     work.mkdir(parents=True, exist_ok=True)
     edl_conv = (evals, others) if arm == 'edl' else (others, evals)
@@ -132,7 +151,7 @@ def ship_arm(pair: Pair, arm: str, args, log) -> dict[str, Any]:
              'commit': git_commit().split()[0][:12], 'machine': machine_info(),
              'train_wall_seconds': round(train['train_seconds']), 'card': f'hub_cards/{name}.md'}
     manifest = args.zoo_dir / 'manifest.json'
-    entries = json.loads(manifest.read_text()) if manifest.exists() else {}
+    entries = _manifest(args)
     entries[name] = entry
     tmp = manifest.with_suffix('.json.tmp')
     tmp.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + '\n')
@@ -184,30 +203,45 @@ def readme_rows(pair: Pair, shipped: dict[str, dict[str, Any]]) -> list[str]:
     return rows
 
 
+def ship_pair(pair: Pair, args, log) -> dict[str, dict[str, Any]] | None:
+    """Both arms exported and shipped; None (and why, logged) if a step is missing or a check failed."""
+    state = status(pair, args.cache_root)
+    if not all(all(v for v in state[arm].values()) for arm in ARMS):
+        log(f"{pair.key}: not shipped yet, steps left: "
+            + ', '.join(f"{arm}/{k}" for arm in ARMS for k, v in state[arm].items() if not v))
+        return None
+    failed = [f"{arm}/{k}" for arm in ARMS for k, (_, r) in reports(pair, arm, args.cache_root).items()
+              if r.get('failed_checks')]
+    if failed:
+        log(f"{pair.key}: NOT SHIPPED, checks failed in {failed}")
+        return None
+    return {arm: ship_arm(pair, arm, args, log) for arm in ARMS}
+
+
 def ship_pairs(pairs: list[Pair], args, log) -> list[str]:
-    names, sections, rows = [], [], []
-    for pair in pairs:
-        state = status(pair, args.cache_root)
-        if not all(all(v for v in state[arm].values()) for arm in ARMS):
-            log(f"{pair.key}: not shipped yet, steps left: "
-                + ', '.join(f"{arm}/{k}" for arm in ARMS for k, v in state[arm].items() if not v))
+    """Export and ship ``pairs``; the README's and the docs' pair sections are rewritten with
+    them and with every other pair shipped before, which keep their rows."""
+    names, sections, rows, verdicts = [], [], [], []
+    wanted = {pair.key: pair for pair in pairs}
+    for pair in sorted({**PAIRS, **wanted}.values(), key=lambda p: p.key):
+        shipped = ship_pair(pair, args, log) if pair.key in wanted else shipped_before(pair, args)
+        if shipped is None:
             continue
-        failed = [f"{arm}/{k}" for arm in ARMS for k, (_, r) in reports(pair, arm, args.cache_root).items()
-                  if r.get('failed_checks')]
-        if failed:
-            log(f"{pair.key}: NOT SHIPPED, checks failed in {failed}")
-            continue
-        shipped = {arm: ship_arm(pair, arm, args, log) for arm in ARMS}
-        sections.append(pair_markdown(pair, shipped, paired_rows(shipped['edl']['evals'], shipped['conv']['evals'])))
+        compared = paired_rows(shipped['edl']['evals'], shipped['conv']['evals'])
+        sections.append(pair_markdown(pair, shipped, compared))
         rows += readme_rows(pair, shipped)
-        names += [shipped[arm]['name'] for arm in ARMS]
+        verdicts.append(f"- `{pair.archs['edl']}.{pair.tag}` vs its twin, paired on the same points (exact tests, "
+                        "5 % level): " + '; '.join(f"{r['metric']}: {verdict(r)} (p = {r['p']:.2g})"
+                                                   for r in compared) + '.')
+        if pair.key in wanted:
+            names += [shipped[arm]['name'] for arm in ARMS]
     if sections:
         body = '## Model pairs (`experiments/zoo_pairs.py`)\n\n' + '\n\n'.join(sections)
         for path in (args.out_md, args.out_md.parent / 'results.md'):
             write_section(path, SECTION, body)
         write_section(args.readme, SECTION, '\n'.join(
             ['| Model | Tag | Data | Training | Clean | Robust | Corruptions (generated) | Made by |',
-             '|---|---|---|---|---|---|---|---|'] + rows))
+             '|---|---|---|---|---|---|---|---|'] + rows + [''] + verdicts))
     return names
 
 

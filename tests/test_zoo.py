@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # The zoo: model name -> dataset (experiments/zoo.py makes them; the test says which must ship).
 ZOO = {'edlnet_resnet8_in.fashion_mnist_pgd_linf': 'fashion-mnist',
        'edlnet_resnet8_in.cifar10_jpeg_pgd_linf': 'cifar10-jpeg',
+       'edlnet_resnet20.cifar10_jpeg_fast_linf': 'cifar10-jpeg',
+       'edlnet_resnet20_conv.cifar10_jpeg_fast_linf': 'cifar10-jpeg',
        'edlnet_resnet8_in.cifar10_jpeg_smooth_sigma25': 'cifar10-jpeg',
        'edlnet_resnet8_in_conv.cifar10_jpeg_smooth_sigma25': 'cifar10-jpeg'}
 REQUIRE = {'fashion-mnist': require_fashion_mnist, 'cifar10-jpeg': require_cifar10_jpeg}

@@ -4,6 +4,7 @@ certified) and shipped from their folders; a rerun does nothing more; the shippe
 kept once (the package copy) and shipping again from it writes the same cards."""
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def _pair(recipe: Path) -> zoo_pairs.Pair:
         'toy Gaussian-noise training')
 
 
-def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path):
+def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path, monkeypatch):
     recipe = tmp_path / 'toy.yaml'
     recipe.write_text(RECIPE)
     pair = _pair(recipe)
@@ -83,6 +84,11 @@ def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path):
     assert 'long left for the next run (it needs 30 min)' in messages[-1]
     assert {p.name: p.read_text() for p in logs.iterdir()} == before
 
+    # a second pair (a copy of the first's folder under another tag), shipped on its own later
+    other = dataclasses.replace(pair, key='toy-smoothing-copy', tag='toy_copy')
+    shutil.copytree(zoo_pairs.cache_dir(pair, args.cache_root), zoo_pairs.cache_dir(other, args.cache_root))
+    monkeypatch.setitem(zoo_ship.PAIRS, pair.key, pair)
+
     best = zoo_pairs.train_dir(pair, 'edl', args.cache_root) / 'best' / 'model.safetensors'
     trained = safetensors.torch.load_file(str(best))
     assert zoo_ship.ship_pairs([pair], args, messages.append) == ['edlnet_resnet8_in.toy_smooth',
@@ -105,6 +111,15 @@ def test_toy_pair_trains_evaluates_resumes_and_ships(tmp_path):
     # shipping again reads the package copy (checked by its sha256) and writes the same card
     assert zoo_ship.ship_pairs([pair], args, messages.append)
     assert (tmp_path / 'cards' / 'edlnet_resnet8_in.toy_smooth.md').read_text() == card
+
+    # shipping the second pair alone keeps the first one's README rows and docs section
+    assert zoo_ship.ship_pairs([other], args, messages.append) == ['edlnet_resnet8_in.toy_copy',
+                                                                   'edlnet_resnet8_in_conv.toy_copy']
+    readme = (tmp_path / 'README.md').read_text()
+    for tag in ('toy_smooth', 'toy_copy'):
+        assert sum(f'| `{tag}` |' in line for line in readme.splitlines()) == 2, readme
+    docs = (tmp_path / 'docs' / 'zoo.md').read_text()
+    assert docs.count('### Fashion-MNIST-small: `edlnet_resnet8_in` vs `edlnet_resnet8_in_conv`') == 2
 
 
 def test_a_step_past_the_deadline_stops_at_a_chunk_even_when_the_driver_ignores_sigint(tmp_path):
