@@ -37,6 +37,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -175,6 +176,13 @@ class Lanes:
 
 
 POLL_S = 5.0  # how often a running command is checked for the deadline and for freed cores
+
+
+def thread_counts(log: Path) -> list[int]:
+    """The thread count of each command :func:`_run` appended to ``log``, in order (a command
+    logged without one ran on one thread, the only setting before the cores were shared)."""
+    text = log.read_text() if log.is_file() else ''
+    return [int(n or 1) for n in re.findall(r'^\$ timm-edl .*? UTC(?:, (\d+) thread\(s\))?$', text, re.M)]
 
 
 def _run(argv: list[str], log: Path, deadline: float | None, threads: int = 1, restart=None) -> int:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import itertools
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +21,8 @@ from _jobs import REPO, git_commit, machine_info
 from _paired import bits, paired_rows, paired_table, verdict
 from _sections import write_section
 from zoo import drop_cached_weights, final_folder
-from zoo_pairs import ARMS, PAIRS, Pair, build_parser, cache_dir, eval_dir, status, step_json, train_dir
+from zoo_pairs import (ARMS, PAIRS, Pair, build_parser, cache_dir, eval_dir, status, step_json, thread_counts,
+                       train_dir)
 
 SECTION = 'zoo-pairs'
 OTHER = {'edl': 'conv', 'conv': 'edl'}
@@ -44,14 +45,13 @@ def reports(pair: Pair, arm: str, root: Path | None) -> dict[str, tuple[Path, di
 
 def training_summary(folder: Path, log: Path | None = None) -> dict[str, Any]:
     """Epochs, best epoch and the summed epoch times of a run folder (``summary.csv``), and the
-    most threads any of its runs had (from the command lines ``zoo_pairs`` wrote to ``log``)."""
+    thread counts of its runs (from ``zoo_pairs``' ``log``)."""
     with open(folder / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
     best = json.loads((folder / 'best' / 'config.json').read_text())['timm_edl'].get('evaluation') or [{}]
-    text = log.read_text() if log is not None and log.is_file() else ''
-    threads = max([1, *(int(n) for n in re.findall(r'^\$ timm-edl .*, (\d+) thread\(s\)$', text, re.M))])
+    threads = [n for n, _ in itertools.groupby(thread_counts(log) if log else [])] or [1]
     return {'epochs': len(rows), 'train_seconds': sum(float(r['train_epoch_time']) for r in rows),
-            'rows': rows, 'best': best[0], 'folder': folder, 'max_threads': threads}
+            'rows': rows, 'best': best[0], 'folder': folder, 'threads': threads}
 
 
 
@@ -77,8 +77,8 @@ def card_notes(pair: Pair, arm: str, train: dict[str, Any], evals: dict[str, tup
              + f" ({pair.about}); run by `make zoo` (`experiments/zoo_pairs.py`, resumable).",
              f"- {train['epochs']} epochs, {train['train_seconds'] / 3600:.1f} h of training steps (sum of the epoch "
              f"times) on {machine_info().get('cpu', 'a CPU')}, "
-             + ("one thread" if train['max_threads'] == 1 else
-                f"one thread while its twin trained beside it, then {train['max_threads']} threads")
+             + ("one thread" if train['threads'] == [1] else
+                ', then '.join(map(str, train['threads'])) + " threads (`zoo_pairs` shares the cores among the arms at work)")
              + ", no GPU.",
              f"- The weights are the epoch with the best {picked} on a hold-out of {cfg.get('val_n_ex'):,} training "
              f"images never trained on (there: clean {100 * best.get('clean_acc', float('nan')):.1f} %). The test set "
@@ -166,12 +166,16 @@ def _in_checkout(command: str) -> str:
     return command.replace(f"{REPO}/", '')
 
 
+def verdicts(rows: list[dict[str, Any]]) -> str:
+    """'Clean: EDL helps (p = 8.9e-07); PGD-20: tie (p = 0.53).' for the paired rows (5 % level)."""
+    return '; '.join(f"{r['metric'].split(' (')[0]}: {verdict(r)} (p = {r['p']:.2g})" for r in rows) + '.'
+
+
 def pair_markdown(pair: Pair, shipped: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     lines = [f"### {pair.label}: `{pair.archs['edl']}` vs `{pair.archs['conv']}` ({pair.about})", '',
              paired_table(rows), '',
              'Paired on the same test points (exact McNemar test on the points where exactly one model is right; '
-             'for the corruptions, the exact sign test per point): '
-             + '; '.join(f"{r['metric'].split(' (')[0]}: {verdict(r)}" for r in rows) + '.', '']
+             'for the corruptions, the exact sign test per point): ' + verdicts(rows), '']
     for arm in ARMS:
         s = shipped[arm]
         lines.append(f"- `{s['name']}`: {s['train']['epochs']} epochs, {s['train']['train_seconds'] / 3600:.1f} h "
@@ -221,7 +225,7 @@ def ship_pair(pair: Pair, args, log) -> dict[str, dict[str, Any]] | None:
 def ship_pairs(pairs: list[Pair], args, log) -> list[str]:
     """Export and ship ``pairs``; the README's and the docs' pair sections are rewritten with
     them and with every other pair shipped before, which keep their rows."""
-    names, sections, rows, verdicts = [], [], [], []
+    names, sections, rows, summary = [], [], [], []
     wanted = {pair.key: pair for pair in pairs}
     for pair in sorted({**PAIRS, **wanted}.values(), key=lambda p: p.key):
         shipped = ship_pair(pair, args, log) if pair.key in wanted else shipped_before(pair, args)
@@ -230,9 +234,8 @@ def ship_pairs(pairs: list[Pair], args, log) -> list[str]:
         compared = paired_rows(shipped['edl']['evals'], shipped['conv']['evals'])
         sections.append(pair_markdown(pair, shipped, compared))
         rows += readme_rows(pair, shipped)
-        verdicts.append(f"- `{pair.archs['edl']}.{pair.tag}` vs its twin, paired on the same points (exact tests, "
-                        "5 % level): " + '; '.join(f"{r['metric']}: {verdict(r)} (p = {r['p']:.2g})"
-                                                   for r in compared) + '.')
+        summary.append(f"- `{pair.name('edl')}` vs its twin, paired on the same points (exact tests, 5 % level): "
+                       + verdicts(compared))
         if pair.key in wanted:
             names += [shipped[arm]['name'] for arm in ARMS]
     if sections:
@@ -241,7 +244,7 @@ def ship_pairs(pairs: list[Pair], args, log) -> list[str]:
             write_section(path, SECTION, body)
         write_section(args.readme, SECTION, '\n'.join(
             ['| Model | Tag | Data | Training | Clean | Robust | Corruptions (generated) | Made by |',
-             '|---|---|---|---|---|---|---|---|'] + rows + [''] + verdicts))
+             '|---|---|---|---|---|---|---|---|'] + rows + [''] + summary))
     return names
 
 

@@ -139,6 +139,7 @@ def test_a_step_past_the_deadline_stops_at_a_chunk_even_when_the_driver_ignores_
     finally:
         signal.signal(signal.SIGINT, previous)
     assert rc == 130, (tmp_path / 'log.txt').read_text()[-2000:]
+    assert zoo_pairs.thread_counts(tmp_path / 'log.txt') == [1]  # the command line it logged, read back
     assert time.time() - started < 120
     assert list((out / '.certify-state').glob('certify-*.json'))  # the finished chunks are kept
 
